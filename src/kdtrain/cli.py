@@ -1,0 +1,128 @@
+"""Command line: ``kdtrain make-toy | smoke | train | info | annotate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    """CONFIG files and section.key=value overrides, in any order."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def cmd_make_toy(a) -> int:
+    from .toy import make_toy
+
+    paths = make_toy(a.out_dir, a.samples, a.steps, a.dmodel, a.nlayers, a.vocab)
+    for key in ("dataset", "config", "model_init", "tokenizer"):
+        print(f"{key:10s} {paths[key]}")
+    return 0
+
+
+def cmd_smoke(a) -> int:
+    from .smoke import run_smoke
+
+    return 0 if run_smoke(a.out_dir) else 1
+
+
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    files, overrides = _split(a.items)
+    if not files:
+        raise SystemExit("kdtrain train: give at least one CONFIG file")
+    cfg, _ = load_config(files, overrides)
+    trainer = Trainer(cfg, resume=a.resume)
+    rows = trainer.fit()
+    if trainer.dist.rank == 0 and rows:
+        last = rows[-1]
+        print(f"done: step {last['step']}, total {last['total']:.4f}; run directory {trainer.run_dir}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    import yaml
+
+    from .config import load_config
+    from .model import flops_per_token, memory_estimate, param_counts
+
+    files, overrides = _split(a.items)
+    cfg, _ = load_config(files, overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    n = param_counts(cfg.arch)
+    print(f"\nparameters       {n['total']:,} ({n['total'] / 1e9:.3f} B); matmul (excl. input embedding) "
+          f"{n['matmul']:,}")
+    for S in cfg.train.seq_lengths:
+        print(f"FLOPs per token  {flops_per_token(cfg.arch, S):.4g} at seq {S} (6 N_matmul + 12 L d S)")
+    mem = memory_estimate(cfg, a.world_size)
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
+    print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB at world size {a.world_size} ({parts} GiB)")
+    return 0
+
+
+def cmd_annotate(a) -> int:
+    from .annotate import annotate
+
+    annotate(a.input, a.output, a.teacher, a.tokenizer, k=a.k, temperature=a.temperature,
+             batch_size=a.batch_size, max_len=a.max_len, device=a.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdtrain", description="Knowledge distillation for decoder-only LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-toy", help="build the toy tokenizer, dataset, model and config (offline, seeded)")
+    m.add_argument("--out-dir", default="toy")
+    m.add_argument("--samples", type=int, default=10)
+    m.add_argument("--steps", type=int, default=5)
+    m.add_argument("--dmodel", type=int, default=64)
+    m.add_argument("--nlayers", type=int, default=2)
+    m.add_argument("--vocab", type=int, default=32000)
+    m.set_defaults(fn=cmd_make_toy)
+
+    s = sub.add_parser("smoke", help="check the toy pipeline end to end and print a report")
+    s.add_argument("--out-dir", default=None, help="keep the artifacts here (default: a temporary directory)")
+    s.set_defaults(fn=cmd_smoke)
+
+    t = sub.add_parser("train", help="train: kdtrain train CONFIG [CONFIG ...] [section.key=value ...]")
+    t.add_argument("items", nargs="+", metavar="CONFIG|section.key=value")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in io.output_dir")
+    t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="resolved config, parameter count, FLOPs per token, memory per GPU")
+    i.add_argument("items", nargs="+", metavar="CONFIG|section.key=value")
+    i.add_argument("--world-size", type=int, default=1)
+    i.set_defaults(fn=cmd_info)
+
+    n = sub.add_parser("annotate", help="run a local teacher over KD JSONL and store response_ids + teacher_topk")
+    n.add_argument("input")
+    n.add_argument("output")
+    n.add_argument("--teacher", required=True, help="local Hugging Face causal LM directory")
+    n.add_argument("--tokenizer", required=True, help="the student's tokenizer directory")
+    n.add_argument("--k", type=int, default=64)
+    n.add_argument("--temperature", type=float, default=1.0)
+    n.add_argument("--batch-size", type=int, default=8)
+    n.add_argument("--max-len", type=int, default=4096)
+    n.add_argument("--device", default="auto")
+    n.set_defaults(fn=cmd_annotate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .trainer import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"kdtrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

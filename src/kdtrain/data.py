@@ -1,0 +1,299 @@
+"""KD JSONL v1: parse and validate, tokenize (prompt masked, EOS appended), pad into batches.
+
+Tokenization. A row is ``[BOS] + prompt + response`` where ``response`` is ``teacher_text`` + EOS
+(or the record's ``response_ids`` when it has them: the top-k rows align to those). Prompt and
+response are tokenized separately, so their boundary is a token boundary. ``messages`` are
+rendered with the tokenizer's chat template when it has one, else as ``role: content`` lines.
+
+Labels are stored shifted: ``labels[t]`` is the token position ``t`` must predict, -100 where
+nothing is learnt (BOS, prompt, padding). Top-k row ``j`` of a record is the teacher's
+distribution for response token ``j`` and lands at the same position as its label.
+
+Truncation to the sequence length ``L``: the prompt keeps BOS and its last tokens (at least
+``L // 2`` of it, or all of it when shorter); the response is then cut at the end to fit,
+with its top-k rows. A truncated response loses its EOS.
+
+Padding is on the right with the tokenizer's pad id; padded positions carry label -100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]  # BOS + prompt
+    response_ids: list[int]  # teacher_text + EOS
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    reference_ids: list[int] | None = None  # reference + EOS
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    fingerprint: str  # sha256 over the shard contents, for refusing a resume on other data
+    k: int = 0  # top-k width; 0 when no record carries teacher_topk
+    topk_temperature: float | None = None  # capture temperature of the stored log-probs
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def n_topk(self) -> int:
+        return sum(s.topk_ids is not None for s in self.samples)
+
+    @property
+    def n_reference(self) -> int:
+        return sum(s.reference_ids is not None for s in self.samples)
+
+
+def _where(path, line: int) -> str:
+    return f"(file {path}, line {line})"
+
+
+def _nonempty_str(rec: dict, key: str, path, line: int, required: bool) -> str | None:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise DataError(f"missing field '{key}' {_where(path, line)}: every record needs a non-empty '{key}'.")
+        return None
+    v = rec[key]
+    if not isinstance(v, str) or not v.strip():
+        raise DataError(f"field '{key}' must be a non-empty string, got {v!r} {_where(path, line)}.")
+    return v
+
+
+def _render_prompt(rec: dict, tokenizer, path, line: int) -> list[int]:
+    if "messages" in rec and rec["messages"] is not None and "prompt" not in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise DataError(f"field 'messages' must be a non-empty list of {{role, content}} strings {_where(path, line)}.")
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict):  # some tokenizer versions return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+    else:
+        text = _nonempty_str(rec, "prompt", path, line, required=True)
+    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_ids(ids, vocab: int, field: str, path, line: int) -> list[int]:
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"field '{field}' must be a non-empty list of integers {_where(path, line)}.")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise DataError(f"field '{field}' has id {bad[0]} outside the vocabulary [0, {vocab}) {_where(path, line)}.")
+    return ids
+
+
+def _parse_topk(rec: dict, n: int, vocab: int, path, line: int):
+    tk = rec["teacher_topk"]
+    if not isinstance(tk, dict) or "ids" not in tk or "logprobs" not in tk:
+        raise DataError(f"field 'teacher_topk' must be {{ids, logprobs, temperature}} {_where(path, line)}.")
+    ids, lps = tk["ids"], tk["logprobs"]
+    temp = tk.get("temperature", 1.0)
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
+        raise DataError(f"field 'teacher_topk.temperature' must be a positive number, got {temp!r} {_where(path, line)}.")
+    if not isinstance(ids, list) or not isinstance(lps, list):
+        raise DataError(f"fields 'teacher_topk.ids' and '.logprobs' must be lists of rows {_where(path, line)}.")
+    for name, rows in (("ids", ids), ("logprobs", lps)):
+        if len(rows) != n:
+            raise DataError(f"field 'teacher_topk.{name}' has {len(rows)} rows but 'response_ids' has {n} tokens "
+                            f"{_where(path, line)}: give one row per response token.")
+    k = len(ids[0]) if ids and isinstance(ids[0], list) else 0
+    if k == 0:
+        raise DataError(f"field 'teacher_topk.ids' rows must be non-empty lists {_where(path, line)}.")
+    for j, (row_i, row_l) in enumerate(zip(ids, lps)):
+        if not isinstance(row_i, list) or not isinstance(row_l, list) or len(row_i) != k or len(row_l) != k:
+            got = len(row_i) if isinstance(row_i, list) else row_i
+            raise DataError(f"teacher_topk row {j} has {got} ids / "
+                            f"{len(row_l) if isinstance(row_l, list) else row_l} logprobs, expected {k} "
+                            f"{_where(path, line)}.")
+        for i in row_i:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise DataError(f"field 'teacher_topk.ids' row {j} has id {i!r} outside the vocabulary [0, {vocab}) "
+                                f"{_where(path, line)}.")
+        for v in row_l:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DataError(f"field 'teacher_topk.logprobs' row {j} has non-finite value {v!r} {_where(path, line)}.")
+            if v > 1e-6:
+                raise DataError(f"field 'teacher_topk.logprobs' row {j} has positive log-probability {v} "
+                                f"{_where(path, line)}: store log-probabilities (<= 0), not logits.")
+        if len(set(row_i)) != k:
+            raise DataError(f"field 'teacher_topk.ids' row {j} repeats a token id {_where(path, line)}.")
+        if sum(math.exp(v) for v in row_l) > 1 + 1e-3:
+            raise DataError(f"field 'teacher_topk.logprobs' row {j} has probabilities summing above 1 "
+                            f"{_where(path, line)}: store normalised log-probabilities.")
+    return ids, [[min(float(v), 0.0) for v in row] for row in lps], float(temp), k
+
+
+def parse_record(rec, tokenizer, vocab: int, path, line: int):
+    """One JSON object -> (Sample, k, capture temperature); raises DataError naming file/line/field."""
+    if not isinstance(rec, dict):
+        raise DataError(f"line is not a JSON object {_where(path, line)}.")
+    prompt_ids = _render_prompt(rec, tokenizer, path, line)
+    teacher_text = _nonempty_str(rec, "teacher_text", path, line, required=True)
+    if rec.get("response_ids") is not None:
+        response_ids = _check_ids(rec["response_ids"], vocab, "response_ids", path, line)
+    else:
+        response_ids = tokenizer.encode(teacher_text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    topk_ids = topk_lps = temp = None
+    k = 0
+    if rec.get("teacher_topk") is not None:
+        if rec.get("response_ids") is None:
+            raise DataError(f"field 'teacher_topk' needs 'response_ids', the token ids its rows align to "
+                            f"{_where(path, line)}.")
+        topk_ids, topk_lps, temp, k = _parse_topk(rec, len(response_ids), vocab, path, line)
+    reference = _nonempty_str(rec, "reference", path, line, required=False)
+    ref_ids = None
+    if reference is not None:
+        ref_ids = tokenizer.encode(reference, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return Sample(prompt_ids, response_ids, topk_ids, topk_lps, ref_ids), k, temp
+
+
+def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset:
+    """Read and validate every record of every shard before anything trains on them."""
+    if not paths:
+        raise DataError("no data shards given: set io.train_shards to one or more KD JSONL files.")
+    samples: list[Sample] = []
+    h = hashlib.sha256()
+    k_seen: tuple[int, str] | None = None
+    temp_seen: tuple[float, str] | None = None
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"data shard {path} does not exist (io.train_shards / io.val_shards).")
+        raw = path.read_bytes()
+        h.update(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"file {path} is not UTF-8 ({e}).") from None
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON {_where(path, line_no)}: {e.msg} at column {e.colno}.") from None
+            if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
+                continue
+            sample, k, temp = parse_record(rec, tokenizer, vocab_size, path, line_no)
+            if k:
+                if k_seen and k != k_seen[0]:
+                    raise DataError(f"teacher_topk has k={k} {_where(path, line_no)} but k={k_seen[0]} at "
+                                    f"{k_seen[1]}: k must not vary inside a dataset.")
+                if temp_seen and temp != temp_seen[0]:
+                    raise DataError(f"teacher_topk.temperature is {temp} {_where(path, line_no)} but {temp_seen[0]} "
+                                    f"at {temp_seen[1]}: the capture temperature must not vary inside a dataset.")
+                k_seen, temp_seen = (k, f"{path}:{line_no}"), (temp, f"{path}:{line_no}")
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"the dataset {', '.join(map(str, paths))} has no records: add KD JSONL lines.")
+    return Dataset(samples, h.hexdigest(), k_seen[0] if k_seen else 0, temp_seen[0] if temp_seen else None)
+
+
+def _truncate(prompt: list[int], target: list[int], L: int) -> tuple[list[int], int]:
+    """Apply the documented truncation policy; returns (prompt, number of target tokens kept)."""
+    if len(prompt) + len(target) <= L:
+        return prompt, len(target)
+    keep_p = min(len(prompt), max(L // 2, L - len(target)))
+    if keep_p < len(prompt):
+        prompt = prompt[:1] + prompt[len(prompt) - keep_p + 1:]
+    return prompt, L - len(prompt)
+
+
+def collate(samples: list[Sample], seq_len: int, pad_id: int, k: int, with_reference: bool) -> dict:
+    """Pad a micro-batch into tensors; rows are padded to the longest row, at most ``seq_len``."""
+    rows, labels, tk_ids, tk_lps, tk_mask = [], [], [], [], []
+    for s in samples:
+        prompt, n = _truncate(s.prompt_ids, s.response_ids, seq_len)
+        seq = prompt + s.response_ids[:n]
+        lab = [IGNORE] * len(seq)
+        P = len(prompt)
+        lab[P - 1:P - 1 + n] = s.response_ids[:n]
+        rows.append(seq)
+        labels.append(lab)
+        if k:
+            ids = [[0] * k] * len(seq)
+            lps = [[0.0] * k] * len(seq)
+            m = [False] * len(seq)
+            if s.topk_ids is not None:
+                ids[P - 1:P - 1 + n] = s.topk_ids[:n]
+                lps[P - 1:P - 1 + n] = s.topk_logprobs[:n]
+                m[P - 1:P - 1 + n] = [True] * n
+            tk_ids.append(ids)
+            tk_lps.append(lps)
+            tk_mask.append(m)
+    batch = _pad(rows, labels, pad_id)
+    if k:
+        S = batch["input_ids"].shape[1]
+        batch["topk_ids"] = torch.tensor([r + [[0] * k] * (S - len(r)) for r in tk_ids], dtype=torch.long)
+        batch["topk_logprobs"] = torch.tensor([r + [[0.0] * k] * (S - len(r)) for r in tk_lps], dtype=torch.float32)
+        batch["topk_mask"] = torch.tensor([r + [False] * (S - len(r)) for r in tk_mask], dtype=torch.bool)
+    if with_reference:
+        ref_rows, ref_labels = [], []
+        for s in samples:
+            if s.reference_ids is None:
+                continue
+            prompt, n = _truncate(s.prompt_ids, s.reference_ids, seq_len)
+            seq = prompt + s.reference_ids[:n]
+            lab = [IGNORE] * len(seq)
+            lab[len(prompt) - 1:len(prompt) - 1 + n] = s.reference_ids[:n]
+            ref_rows.append(seq)
+            ref_labels.append(lab)
+        if ref_rows:
+            ref = _pad(ref_rows, ref_labels, pad_id)
+            batch["ref_input_ids"], batch["ref_labels"] = ref["input_ids"], ref["labels"]
+    return batch
+
+
+def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), S), IGNORE, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+    return {"input_ids": ids, "labels": lab}
+
+
+class Sampler:
+    """An endless, seeded stream of sample indices: epoch ``e`` is a fresh permutation.
+
+    Its whole state is the stream position, so resuming needs one integer, and each index
+    costs O(1) regardless of the dataset size (one permutation is kept per epoch).
+    """
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position = n, seed, position
+        self._epoch, self._perm = -1, None
+
+    def _index(self, i: int) -> int:
+        epoch, pos = divmod(i, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[pos]
+
+    def take(self, count: int) -> list[int]:
+        out = [self._index(self.position + i) for i in range(count)]
+        self.position += count
+        return out

@@ -1,0 +1,166 @@
+"""Process groups, FSDP2 sharding and sharded checkpoints; one process = world size 1, no group.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank drives one GPU (``LOCAL_RANK``). The
+student is sharded per decoder layer with ``fully_shard`` and a bf16-compute / fp32-reduce
+policy (fp32 when ``train.precision`` is fp32); the ``Distiller`` is the root, so the input
+embedding, final norm and output head are gathered for the forward that runs the chunked loss.
+An online teacher's decoder is sharded the same way (its head stays whole: it is read inside
+the loss). Checkpoints at world size > 1 use ``torch.distributed.checkpoint`` (DCP), which
+reshards on load, so a run saved on 2 GPUs resumes on 1 or 2; a world-size-1 checkpoint stores
+``model.safetensors`` and loads into any world size too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+
+
+@dataclass
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_counts(self, counts: dict) -> dict:
+        if not self.enabled:
+            return counts
+        keys = sorted(counts)
+        t = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
+
+
+def setup(cfg: Config) -> DistState:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.train.device
+    if world == 1:
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available; use train.device=cpu or auto.")
+        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+        return DistState(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if want == "cpu":
+        raise ConfigError("distributed training (WORLD_SIZE > 1) needs CUDA; train.device=cpu runs one process.")
+    n_gpu = torch.cuda.device_count()
+    if local >= n_gpu:
+        raise ConfigError(f"rank {rank}: LOCAL_RANK {local} but this node has {n_gpu} GPU(s); launch with "
+                          f"--nproc-per-node {n_gpu} or fewer.")
+    if not dist.is_nccl_available():
+        raise ConfigError(f"rank {rank}: NCCL is not available in this torch build; install a CUDA build of torch.")
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=device)
+    return DistState(rank, world, device)
+
+
+def shard(model, teacher, state: DistState, cfg: Config):
+    """Wrap the Distiller (and an online teacher) with FSDP2 when running on several GPUs."""
+    if not state.enabled:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    compute = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    root_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    layers = model.student.model.layers
+    for i, layer in enumerate(layers):
+        # The last layer's gather is reused right away by backward: keep it.
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=root_mp, reshard_after_forward=False)
+    if teacher is not None:
+        tmp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in teacher.model.model.layers:
+            fully_shard(layer, mp_policy=tmp)
+        fully_shard(teacher.model.model, mp_policy=tmp)
+    return model
+
+
+def full_shapes(student) -> dict:
+    """Unsharded parameter shapes (DTensor-aware), for comparing with a checkpoint."""
+    return {k: torch.empty(0).new_empty(v.shape, device="meta") for k, v in student.state_dict().items()}
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    cfg = trainer.cfg
+    if not trainer.dist.enabled:
+        model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+        return save_fn(trainer.ckpt_dir, trainer.step, model_sd, optim_sd, trainer_state, cfg, meta,
+                       cfg.train.keep_checkpoints)
+    return _save_dcp(trainer, trainer_state, meta)
+
+
+def _save_dcp(trainer, trainer_state: dict, meta: dict) -> Path:
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .checkpoint import PREFIX, TMP, list_checkpoints, model_shape
+    from .config import save_config
+
+    root, step = trainer.ckpt_dir, trainer.step
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP}{PREFIX}{step:08d}"
+    if trainer.dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    dist.barrier()
+    if trainer.dist.rank == 0:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        save_config(trainer.cfg, tmp / "config.yaml")
+        shapes = model_shape(full_shapes(trainer.student))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "model_shape": shapes}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[: -trainer.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load(trainer, path: Path, load_fn) -> dict:
+    """Restore model + optimizer into the (possibly sharded) trainer; returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    path = Path(path)
+    if (path / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(trainer.student, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    ckpt = load_fn(path, trainer.device)
+    opts = StateDictOptions(full_state_dict=True, strict=True) if trainer.dist.enabled else StateDictOptions(strict=True)
+    set_state_dict(trainer.student, trainer.optimizer, model_state_dict=ckpt["model"],
+                   optim_state_dict=ckpt["optimizer"], options=opts)
+    return ckpt["trainer"]

@@ -1,0 +1,96 @@
+"""Metrics: console progress bar, ``metrics.jsonl`` (one object per optimizer step, flushed line
+by line so the file is valid JSONL from the first step), TensorBoard and W&B when enabled, and a
+loss-curve PNG at the end. Only rank 0 logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .config import Config
+
+
+class Metrics:
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True):
+        t = cfg.tracing
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.log_dir = Path(t.log_dir) if t.log_dir else run_dir / "logs"
+        self.history: list[dict] = []
+        self.bar = self.jsonl = self.tb = self.wandb = None
+        if not enabled:
+            return
+        if t.console_log:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if t.json_log:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if t.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+        if t.use_wandb:
+            import wandb
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=t.wandb_project, dir=str(self.log_dir), config=cfg.to_dict())
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.history.append(row)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+        step = row["step"]
+        if self.tb:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace("val_", "val/") if key.startswith("val_") else f"train/{key}",
+                                       value, step)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if self.bar:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['total']:.4f}", lr=f"{row['lr']:.2e}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.history:
+            plot_losses(self.history, self.run_dir / "loss_curve.png")
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("total", "kl_div", "ce_teacher", "ce_ground_truth"):
+        ys = [r.get(key, math.nan) for r in rows]
+        if any(y for y in ys):
+            ax.plot(steps, ys, label=key, linewidth=2 if key == "total" else 1)
+    val = [(r["step"], r["val_total"]) for r in rows if "val_total" in r]
+    if val:
+        ax.plot(*zip(*val), "o--", label="val total")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

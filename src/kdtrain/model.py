@@ -1,0 +1,176 @@
+"""The student: a Llama-architecture Hugging Face causal LM built from ``arch`` (or any local HF
+checkpoint), its size and FLOP accounting, and ``Distiller``, the module whose forward runs the
+student on a batch and returns every loss component.
+
+Rows are padded on the right, so the causal mask alone keeps padding out of every valid
+position: no attention mask is passed, which lets SDPA use its fused causal kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ArchConfig, Config, ConfigError
+from .data import IGNORE
+from .losses import SparseTeacher, Targets, kd_loss
+
+
+def llama_config(arch: ArchConfig, std: float = 0.02, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=arch.d_model, intermediate_size=arch.d_ff, num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads, num_key_value_heads=arch.n_kv_heads, head_dim=arch.d_head,
+        vocab_size=arch.vocab_size, max_position_embeddings=arch.max_seq_len, rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.norm_eps, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        initializer_range=std, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+        attn_implementation="sdpa",
+    )
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """A state dict from .safetensors or a weights-only torch file; never unpickles objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"init.weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
+    """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.init.base_checkpoint:
+        path = Path(cfg.init.base_checkpoint)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"init.base_checkpoint {path} is not a Hugging Face checkpoint directory (no config.json).")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        return model.to(device)
+    torch.manual_seed(cfg.init.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
+    if cfg.init.weights:
+        state = load_state_dict(cfg.init.weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
+                              f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}; "
+                              "check that arch matches the checkpoint.")
+    return model
+
+
+# ---- size and cost accounting (DESIGN.md, "Throughput accounting") ----
+
+def param_counts(arch: ArchConfig) -> dict:
+    d, L, V, f = arch.d_model, arch.n_layers, arch.vocab_size, arch.d_ff
+    attn = d * arch.n_heads * arch.d_head * 2 + d * arch.n_kv_heads * arch.d_head * 2
+    layer = attn + 3 * d * f + 2 * d
+    embed = V * d
+    total = embed + L * layer + d + V * d
+    return {"total": total, "embedding": embed, "matmul": total - embed, "per_layer": layer}
+
+
+def flops_per_token(arch: ArchConfig, seq_len: int) -> float:
+    """F_tok = 6 * N_matmul + 12 * L * d_model * S (training: forward + backward)."""
+    return 6 * param_counts(arch)["matmul"] + 12 * arch.n_layers * arch.d_model * seq_len
+
+
+def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
+    """Bytes per GPU: sharded parameter/gradient/optimizer state + activations + loss chunk.
+
+    State: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8) = 16 B/param, sharded
+    over ``world_size``, plus one unsharded bf16 layer being gathered (x2 for prefetch).
+    Activations with checkpointing: the bf16 input of each layer plus one layer's full working set.
+    """
+    a, t = cfg.arch, cfg.train
+    n = param_counts(a)
+    S = max(t.seq_lengths)
+    tokens = t.micro_batch_size * S
+    state = 16 * n["total"] / world_size
+    gathered = 2 * 2 * n["per_layer"] + (2 * 2 * a.vocab_size * a.d_model if world_size > 1 else 0)
+    per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
+    if t.grad_checkpointing:
+        act = a.n_layers * tokens * a.d_model * 2 + per_layer_act
+    else:
+        act = a.n_layers * per_layer_act
+    chunk = t.loss_chunk_size * a.vocab_size * 4 * 3 + a.vocab_size * a.d_model * 4  # logits+grads, fp32 grad of W
+    return {"state": state, "gathered_params": gathered, "activations": act, "loss": chunk,
+            "total": state + gathered + act + chunk}
+
+
+# ---- the forward that produces the losses ----
+
+def step_counts(batches: list[dict]) -> dict:
+    """Valid-token counts over a whole optimizer step (all micro-batches), the loss normalisers."""
+    n_kl = n_ct = n_cg = 0
+    for b in batches:
+        n_ct += int((b["labels"] != IGNORE).sum())
+        if "topk_mask" in b:
+            n_kl += int((b["topk_mask"] & (b["labels"] != IGNORE)).sum())
+        if "ref_labels" in b:
+            n_cg += int((b["ref_labels"] != IGNORE).sum())
+    return {"n_kl": n_kl, "n_ce_teacher": n_ct, "n_ce_ground_truth": n_cg}
+
+
+class Distiller(nn.Module):
+    """Runs the student on a batch and returns ``{kl_div, ce_teacher, ce_ground_truth, total}``.
+
+    Everything that touches the student's weights (the decoder and the output projection inside
+    the chunked loss) runs in this module's forward, so FSDP2 can shard it as a root module.
+    """
+
+    def __init__(self, student: nn.Module, cfg: Config, topk_temperature: float | None = None):
+        super().__init__()
+        self.student = student
+        d, k = cfg.distillation, cfg.kd
+        self.weights = {"kl_div": d.kl_weight, "ce_teacher": d.ce_teacher_weight,
+                        "ce_ground_truth": d.ce_ground_truth_weight}
+        self.temperature, self.kind, self.beta = k.temperature, k.divergence, k.jsd_beta
+        self.topk_temperature = topk_temperature or 1.0
+        self.chunk_size = cfg.train.loss_chunk_size
+
+    def forward(self, batch: dict, counts: dict, teacher=None, chunked: bool = True) -> dict:
+        ids, labels = batch["input_ids"], batch["labels"]
+        if "ref_input_ids" in batch:  # reference rows ride in the same forward
+            S = max(ids.shape[1], batch["ref_input_ids"].shape[1])
+            pad = lambda x, v: nn.functional.pad(x, (0, S - x.shape[1]), value=v)  # noqa: E731
+            ids = torch.cat([pad(ids, 0), pad(batch["ref_input_ids"], 0)])
+            labels_all = torch.cat([pad(labels, IGNORE), pad(batch["ref_labels"], IGNORE)])
+            is_ref_rows = torch.arange(ids.shape[0], device=ids.device) >= batch["input_ids"].shape[0]
+        else:
+            S, labels_all = ids.shape[1], labels
+            is_ref_rows = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        hidden = self.student.model(input_ids=ids).last_hidden_state
+        valid = labels_all != IGNORE
+        h = hidden[valid]
+        is_ref = is_ref_rows[:, None].expand_as(valid)[valid]
+        n_teacher_rows = batch["input_ids"].shape[0]
+        sparse, kl_mask = None, torch.zeros_like(is_ref)
+        if "topk_ids" in batch:
+            tv = valid[:n_teacher_rows, : batch["input_ids"].shape[1]]
+            k = batch["topk_ids"].shape[-1]
+            ids_k = torch.zeros(h.shape[0], k, dtype=torch.long, device=h.device)
+            lps_k = torch.zeros(h.shape[0], k, dtype=torch.float32, device=h.device)
+            n_t = int(tv.sum())
+            ids_k[:n_t] = batch["topk_ids"][tv]
+            lps_k[:n_t] = batch["topk_logprobs"][tv]
+            kl_mask = torch.zeros_like(is_ref)
+            kl_mask[:n_t] = batch["topk_mask"][tv]
+            sparse = SparseTeacher(ids_k, lps_k, self.topk_temperature)
+        t_hidden = t_weight = None
+        if teacher is not None:
+            t_hidden, t_weight = teacher.hidden(batch["input_ids"], valid[:n_teacher_rows, : batch["input_ids"].shape[1]])
+            kl_mask = ~is_ref
+            if t_hidden.shape[0] < h.shape[0]:  # reference rows have no teacher: pad with zeros (masked)
+                t_hidden = torch.cat([t_hidden, t_hidden.new_zeros(h.shape[0] - t_hidden.shape[0], t_hidden.shape[1])])
+        tgt = Targets(labels_all[valid], is_ref, kl_mask, counts["n_kl"], counts["n_ce_teacher"],
+                      counts["n_ce_ground_truth"], sparse)
+        return kd_loss(h, self.student.lm_head.weight, tgt, self.weights, self.temperature, self.kind, self.beta,
+                       t_hidden, t_weight, self.chunk_size if chunked else None)

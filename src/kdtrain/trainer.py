@@ -1,0 +1,286 @@
+"""One trainer for the CPU toy and the sharded 9B student; every difference lives in config.
+
+Step anatomy (``train_step``): take ``grad_accum`` micro-batches for this rank, count the valid
+tokens of the whole step (summed over ranks), run forward + backward per micro-batch with the
+losses normalised by those counts (so 8 x 1 equals 1 x 8), stop before the optimizer if any loss
+is not finite, unscale (fp16), clip, step, and set the learning rate for the next step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist_utils
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, model_shape, save_checkpoint
+from .config import Config, ConfigError, save_config
+from .data import Dataset, Sampler, collate, load_dataset
+from .losses import COMPONENTS
+from .metrics import Metrics
+from .model import Distiller, build_student, step_counts
+from .teacher import OnlineTeacher, load_teacher_model
+from .tokenizer import load_tokenizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, refused resume); the message says why."""
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warmup over ``warmup_steps`` optimizer steps, then cosine to ``lr * min_lr_ratio``."""
+    o, total = cfg.optimizer, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms (1-D) nor on the input embedding."""
+    embed = {id(p) for p in model.get_input_embeddings().parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embed else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_paths(cfg: Config) -> None:
+    """Missing inputs and an unwritable output directory are errors before any compute."""
+    for key in ("train_shards", "val_shards"):
+        for p in getattr(cfg.io, key):
+            if not Path(p).is_file():
+                raise ConfigError(f"io.{key}: data shard {p} does not exist; fix the path or create the file.")
+    if not cfg.io.train_shards:
+        raise ConfigError("io.train_shards is empty: list at least one KD JSONL file to train on.")
+    out = Path(cfg.io.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"io.output_dir {out} is not writable ({e.strerror}); choose another directory.") from None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, log: bool = True):
+        self.cfg = cfg
+        self.dist = dist_utils.setup(cfg)
+        self.device = self.dist.device
+        t = cfg.train
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs CUDA (a grad scaler on GPU); use fp32 or bf16 on CPU.")
+        check_paths(cfg)
+        self.run_dir = Path(cfg.io.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if resume and latest_checkpoint(self.ckpt_dir) is None:
+            raise ConfigError(f"--resume: no checkpoint under {self.ckpt_dir}; run without --resume to start fresh.")
+
+        self.tokenizer = load_tokenizer(cfg.io.tokenizer_path, cfg.arch.vocab_size if not cfg.init.base_checkpoint else None)
+        vocab = len(self.tokenizer)
+        self.train_data = load_dataset(cfg.io.train_shards, self.tokenizer, vocab)
+        self.val_data = load_dataset(cfg.io.val_shards, self.tokenizer, vocab) if cfg.io.val_shards else None
+        self._check_signals(self.train_data)
+
+        self.student = build_student(cfg, self.device)
+        if self.student.get_output_embeddings().weight.shape[0] != vocab:
+            raise ConfigError(f"the student's vocabulary ({self.student.get_output_embeddings().weight.shape[0]}) "
+                              f"differs from the tokenizer's size ({vocab}) at {cfg.io.tokenizer_path}.")
+        if t.grad_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.teacher = None
+        if cfg.kd.teacher == "online":
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.teacher = OnlineTeacher(load_teacher_model(cfg.kd.teacher_path, self.device, dtype), vocab)
+        self.model = Distiller(self.student, cfg, self.train_data.topk_temperature)
+        self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
+        if t.compile:
+            self.student.model.compile()
+        fused = self.device.type == "cuda"
+        o = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=lr_at(cfg, 0),
+                                           betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.sampler = Sampler(len(self.train_data), t.seed)
+        self.step = 0
+        if resume:
+            self._resume(latest_checkpoint(self.ckpt_dir))
+        self.metrics = Metrics(cfg, self.run_dir, t.steps, self.step, enabled=log and self.dist.rank == 0)
+
+    # ---- setup checks ----
+    def _check_signals(self, data: Dataset) -> None:
+        d, k = self.cfg.distillation, self.cfg.kd
+        if d.kl_weight > 0 and k.teacher == "topk" and data.n_topk == 0:
+            raise ConfigError(f"distillation.kl_weight is {d.kl_weight} but no record in {self.cfg.io.train_shards} "
+                              "has teacher_topk: there is no teacher signal. Annotate the data (`kdtrain annotate`), "
+                              "use kd.teacher=online with kd.teacher_path, or set distillation.kl_weight=0.")
+        if d.ce_ground_truth_weight > 0 and data.n_reference == 0:
+            raise ConfigError(f"distillation.ce_ground_truth_weight is {d.ce_ground_truth_weight} but no record in "
+                              f"{self.cfg.io.train_shards} has a 'reference'; add references or set the weight to 0.")
+
+    # ---- data ----
+    def _with_reference(self) -> bool:
+        return self.cfg.distillation.ce_ground_truth_weight > 0
+
+    def micro_batches(self, seq_len: int) -> list[dict]:
+        """This rank's micro-batches of the next optimizer step (the global batch is split by rank)."""
+        t, r, w = self.cfg.train, self.dist.rank, self.dist.world_size
+        idx = self.sampler.take(t.micro_batch_size * t.grad_accum * w)
+        k = self.train_data.k if self.cfg.kd.teacher == "topk" else 0
+        out = []
+        for m in range(t.grad_accum):
+            lo = (m * w + r) * t.micro_batch_size
+            samples = [self.train_data.samples[i] for i in idx[lo: lo + t.micro_batch_size]]
+            b = collate(samples, seq_len, self.tokenizer.pad_token_id, k, self._with_reference())
+            out.append({key: v.to(self.device, non_blocking=True) for key, v in b.items()})
+        return out
+
+    def _counts(self, batches: list[dict]) -> dict:
+        c = step_counts(batches)
+        if self.teacher is not None:
+            c["n_kl"] = c["n_ce_teacher"]
+        return self.dist.all_reduce_counts(c)
+
+    def _autocast(self):
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    # ---- the step ----
+    def forward_backward(self, batches: list[dict]) -> torch.Tensor:
+        """Forward + backward over this step's micro-batches; returns the component sums [4]."""
+        self.model.train()
+        counts = self._counts(batches)
+        sums = torch.zeros(4, device=self.device)
+        for b in batches:
+            with self._autocast():
+                out = self.model(b, counts, self.teacher)
+            loss = out["total"]
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; the optimizer did "
+                                    "not step. Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            sums += torch.stack([out[c].detach().float() for c in COMPONENTS])
+        return self.dist.all_reduce_sum(sums)
+
+    def optimizer_step(self) -> float:
+        """Unscale (fp16), clip, step, zero the gradients, set the next step's learning rate."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optimizer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip > 0 else float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.cfg, self.step)
+        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimizer step over the micro-batches; returns the loss components and grad norm."""
+        sums = self.forward_backward(batches)
+        row = dict(zip(COMPONENTS, sums.tolist()))
+        row["grad_norm"] = self.optimizer_step()
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Each component over the whole validation set (exact means) and perplexity of ce_teacher."""
+        self.model.eval()
+        data, t = self.val_data, self.cfg.train
+        k = data.k if self.cfg.kd.teacher == "topk" else 0
+        L = self.cfg.seq_len_at(self.step)
+        mine = list(range(self.dist.rank, len(data), self.dist.world_size))
+        batches = [collate([data.samples[i] for i in mine[s: s + t.micro_batch_size]], L, self.tokenizer.pad_token_id,
+                           k, self._with_reference()) for s in range(0, len(mine), t.micro_batch_size)]
+        batches = [{key: v.to(self.device) for key, v in b.items()} for b in batches]
+        counts = self._counts(batches)
+        sums = torch.zeros(4, device=self.device)
+        for b in batches:
+            with self._autocast():
+                out = self.model(b, counts, self.teacher)
+            sums += torch.stack([out[c].detach().float() for c in COMPONENTS])
+        sums = self.dist.all_reduce_sum(sums)
+        row = {f"val_{c}": v for c, v in zip(COMPONENTS, sums.tolist())}
+        row["val_ppl"] = math.exp(min(row["val_ce_teacher"], 50.0))
+        return row
+
+    # ---- checkpoints ----
+    def _trainer_state(self) -> dict:
+        state = {"step": self.step, "data_position": self.sampler.position, "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _meta(self) -> dict:
+        return {"dataset_fingerprint": self.train_data.fingerprint, "world_size": self.dist.world_size}
+
+    def save(self) -> Path:
+        return dist_utils.save(self, save_checkpoint, self._trainer_state(), self._meta())
+
+    def _resume(self, path: Path) -> None:
+        meta = dist_utils.read_meta(path)
+        if meta["dataset_fingerprint"] != self.train_data.fingerprint:
+            raise TrainingError(f"cannot resume from {path}: it was trained on other data (dataset fingerprint "
+                                "differs). Restore the original io.train_shards or start a new io.output_dir.")
+        shape = model_shape(dist_utils.full_shapes(self.student))
+        if meta["model_shape"] != shape:
+            diff = next(k for k in sorted(set(shape) | set(meta["model_shape"]))
+                        if shape.get(k) != meta["model_shape"].get(k))
+            raise TrainingError(f"cannot resume from {path}: the model shape changed ({diff}: checkpoint "
+                                f"{meta['model_shape'].get(diff)}, config {shape.get(diff)}). Restore the original "
+                                "arch or start a new io.output_dir.")
+        state = dist_utils.load(self, path, load_checkpoint)
+        self.step = int(state["step"])
+        self.sampler.position = int(state["data_position"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.cfg, self.step)
+
+    # ---- the loop ----
+    def fit(self) -> list[dict]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        rows = []
+        try:
+            while self.step < t.steps:
+                seq_len = cfg.seq_len_at(self.step)
+                t0 = time.perf_counter()
+                batches = self.micro_batches(seq_len)
+                n_tok = sum(int((b["input_ids"] != self.tokenizer.pad_token_id).sum()) for b in batches)
+                row = {"step": self.step + 1, "seq_len": seq_len, "lr": self.optimizer.param_groups[0]["lr"]}
+                row.update(self.train_step(batches))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                row["tokens"] = n_tok
+                row["tokens_per_s"] = n_tok / dt
+                last = self.step == t.steps
+                if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                    row.update(self.evaluate())
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+                    self.save()
+                self.metrics.log(row)
+                rows.append(row)
+        finally:
+            self.metrics.close()
+        return rows
