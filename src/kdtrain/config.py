@@ -140,8 +140,7 @@ PATH_KEYS = {
     ("io", "tokenizer_path"), ("io", "train_shards"), ("io", "val_shards"), ("io", "output_dir"),
     ("init", "weights"), ("init", "base_checkpoint"), ("kd", "teacher_path"), ("tracing", "log_dir"),
 }
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_TYPES = typing.get_type_hints(Config)
+SECTIONS = {f.name for f in dataclasses.fields(Config)}
 
 
 def _did_you_mean(key: str, options) -> str:
@@ -260,8 +259,9 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
     """Impossible values are errors before any compute; each message names the key and its origin."""
     sources = sources or {}
 
-    def fail(key: str, msg: str):
-        raise ConfigError(f"'{key}' (from {sources.get(key, 'defaults')}): {msg}")
+    def fail(key: str, msg: str, related: str | None = None):
+        origin = sources.get(key) or sources.get(related) or "defaults"
+        raise ConfigError(f"'{key}' (from {origin}): {msg}")
 
     a, t, o, d, k = cfg.arch, cfg.train, cfg.optimizer, cfg.distillation, cfg.kd
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "vocab_size", "max_seq_len"):
@@ -302,24 +302,25 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
     if sched:
         if len(sched) != len(t.seq_lengths):
             fail("curriculum.schedule", f"has {len(sched)} boundaries but train.seq_lengths has "
-                 f"{len(t.seq_lengths)} lengths; give one start step per length.")
+                 f"{len(t.seq_lengths)} lengths; give one start step per length.", "train.seq_lengths")
         if sched[0] != 0 or any(b2 <= b1 for b1, b2 in zip(sched, sched[1:])):
             fail("curriculum.schedule", f"must start at 0 and increase strictly, got {sched}.")
     elif len(t.seq_lengths) > 1:
         fail("curriculum.schedule", f"train.seq_lengths lists {len(t.seq_lengths)} lengths; "
-             "give curriculum.schedule the step at which each starts.")
+             "give curriculum.schedule the step at which each starts.", "train.seq_lengths")
     for key in ("kl_weight", "ce_teacher_weight", "ce_ground_truth_weight"):
         if getattr(d, key) < 0:
             fail(f"distillation.{key}", f"must be >= 0, got {getattr(d, key)}.")
     if d.kl_weight + d.ce_teacher_weight + d.ce_ground_truth_weight == 0:
-        fail("distillation.kl_weight", "all loss weights are 0: nothing would be trained.")
+        fail("distillation.kl_weight", "all loss weights are 0: nothing would be trained.",
+             "distillation.ce_teacher_weight")
     if k.teacher not in ("topk", "online", "none"):
         fail("kd.teacher", f"must be topk, online or none, got '{k.teacher}'.")
     if k.teacher == "none" and d.kl_weight > 0:
         fail("distillation.kl_weight", "is > 0 but kd.teacher is 'none': there is no teacher signal. "
-             "Set distillation.kl_weight=0 or choose kd.teacher=topk/online.")
+             "Set distillation.kl_weight=0 or choose kd.teacher=topk/online.", "kd.teacher")
     if k.teacher == "online" and not k.teacher_path:
-        fail("kd.teacher_path", "kd.teacher is 'online' but no teacher checkpoint directory is given.")
+        fail("kd.teacher_path", "kd.teacher is 'online' but no teacher checkpoint directory is given.", "kd.teacher")
     if k.temperature <= 0:
         fail("kd.temperature", f"must be positive, got {k.temperature}.")
     if k.divergence not in ("forward_kl", "reverse_kl", "jsd"):

@@ -73,15 +73,17 @@ def _fit_teacher(tok, vocab: int, rows: list[tuple[list[int], list[int]]], seed:
     teacher = LlamaForCausalLM(llama_config(cfg.arch, pad_id=tok.pad_token_id))
     S = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), S), tok.pad_token_id)
-    labels = torch.full((len(rows), S), -100)
+    labels = torch.full((len(rows), S), -100)  # shifted: labels[t] is the token position t predicts
     for i, (p, r) in enumerate(rows):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p): len(p) + len(r)] = torch.tensor(r)
+        labels[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(r)
+    valid = labels != -100
     # The random input embedding stays frozen: fitting it costs more than the rest and adds little.
     teacher.model.embed_tokens.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
     for _ in range(TEACHER_STEPS):
-        loss = teacher(input_ids=ids, labels=labels).loss
+        hidden = teacher.model(input_ids=ids).last_hidden_state[valid]  # the head only where it is learnt
+        loss = torch.nn.functional.cross_entropy(teacher.lm_head(hidden), labels[valid])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

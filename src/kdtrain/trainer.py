@@ -256,13 +256,15 @@ class Trainer:
             g["lr"] = lr_at(self.cfg, self.step)
 
     # ---- the loop ----
-    def fit(self) -> list[dict]:
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train to ``train.steps`` (or stop early after step ``until``, checkpointing there)."""
         cfg, t = self.cfg, self.cfg.train
+        stop = min(t.steps, until) if until else t.steps
         if self.dist.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         rows = []
         try:
-            while self.step < t.steps:
+            while self.step < stop:
                 seq_len = cfg.seq_len_at(self.step)
                 t0 = time.perf_counter()
                 batches = self.micro_batches(seq_len)
@@ -274,7 +276,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 row["tokens"] = n_tok
                 row["tokens_per_s"] = n_tok / dt
-                last = self.step == t.steps
+                last = self.step == stop
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                     row.update(self.evaluate())
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:

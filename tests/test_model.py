@@ -1,0 +1,85 @@
+"""Student construction, size accounting, causality and padding invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdtrain.config import ArchConfig, load_config
+from kdtrain.model import build_student, flops_per_token, llama_config, param_counts
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def student(toy):
+    cfg, _ = load_config([toy["config"]])
+    return build_student(cfg).eval()
+
+
+@pytest.mark.smoke
+def test_toy_student_has_exactly_4219200_parameters(student):
+    # DESIGN.md: embed 32000*64 + head 32000*64 + 2 layers * 61,568 + final norm 64.
+    assert sum(p.numel() for p in student.parameters()) == 2 * 32000 * 64 + 2 * 61_568 + 64 == 4_219_200
+
+
+@pytest.mark.smoke
+def test_forward_shape(student):
+    with torch.no_grad():
+        logits = student(input_ids=torch.arange(10)[None]).logits
+    assert logits.shape == (1, 10, 32000)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("t", [1, 5, 9])
+def test_causal_future_tokens_change_no_earlier_logit(student, t):
+    ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(t))
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 17) % 32000
+    with torch.no_grad():
+        a, b = student(input_ids=ids).logits, student(input_ids=changed).logits
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])  # the change is seen from position t on
+
+
+@pytest.mark.smoke
+def test_right_padding_leaves_valid_logits_unchanged(student):
+    ids = torch.randint(3, 32000, (1, 7), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a, b = student(input_ids=ids).logits, student(input_ids=padded).logits[:, :7]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_ff=256, vocab_size=32000),
+    dict(d_model=96, n_layers=3, n_heads=6, n_kv_heads=3, d_head=12, d_ff=200, vocab_size=1000),
+    dict(d_model=128, n_layers=1, n_heads=8, n_kv_heads=8, d_head=32, d_ff=64, vocab_size=777),
+])
+def test_param_counts_match_the_built_model(shape):
+    from transformers import LlamaForCausalLM
+
+    arch = ArchConfig(**shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(arch))
+    n = param_counts(arch)
+    assert n["total"] == sum(p.numel() for p in model.parameters())
+    assert n["matmul"] == n["total"] - model.get_input_embeddings().weight.numel()
+
+
+def test_flops_per_token_formula():
+    arch = ArchConfig()
+    # 6 * N_matmul + 12 * L * d * S with N_matmul = 4,219,200 - 2,048,000 (input embedding)
+    assert flops_per_token(arch, 64) == 6 * 2_171_200 + 12 * 2 * 64 * 64
+
+
+def test_worker_9b_is_nine_billion_parameters():
+    from pathlib import Path
+
+    cfg, _ = load_config([Path(__file__).parents[1] / "configs" / "worker_9b.yaml"])
+    assert abs(param_counts(cfg.arch)["total"] - 9.0e9) <= 0.25e9
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(llama_config(cfg.arch))
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg.arch)["total"]
