@@ -46,6 +46,7 @@ def test_teacher_signal_is_a_real_model_not_noise(toy):
     records = [json.loads(l) for l in toy["dataset"].read_text().splitlines()[1:]]
     assert len(records) == 10
     hits = total = 0
+    counts: dict[int, int] = {}
     for r in records:
         assert r["teacher_text"] and r["reference"] and r["prompt"]
         ids, lps = r["teacher_topk"]["ids"], r["teacher_topk"]["logprobs"]
@@ -55,5 +56,7 @@ def test_teacher_signal_is_a_real_model_not_noise(toy):
             assert sum(math.exp(v) for v in row_lp) <= 1 + 1e-5
             hits += row_ids[0] == tok
             total += 1
-    # Random logits over 32,000 tokens would hit ~0 times; the fitted teacher hits most tokens.
-    assert hits / total > 0.3
+            counts[tok] = counts.get(tok, 0) + 1
+    # Random logits over 32,000 tokens would hit ~0 times, and a position-blind teacher at best
+    # as often as the most frequent token (~12%); the fitted teacher reads the context.
+    assert hits / total > max(counts.values()) / total + 0.2

@@ -6,6 +6,7 @@ both call ``make_toy``.
   teacher_topk). The top-k rows are real: a small teacher LM is fitted for 20 steps on
   the toy prompts and responses (seeded), then run over each sample; row ``j`` holds its
   ``TOPK`` most likely tokens for response token ``j`` and their log-probabilities.
+* ``teacher/``: that teacher as a Hugging Face checkpoint (for ``kd.teacher: online``).
 * ``toy_model_init.pt``: the student's initial weights (a weights-only state dict).
 * ``toy_config.yaml``: a complete config whose relative paths point at the files above.
 
@@ -117,6 +118,7 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
             "temperature": 1.0}}
         lines.append(json.dumps(rec))
     (out / "toy_dataset.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    teacher.save_pretrained(out / "teacher")  # for kd.teacher=online and `kdtrain annotate`
 
     cfg = build_config({
         "arch": {"d_model": dmodel, "n_layers": nlayers, "n_heads": 4, "n_kv_heads": 2, "d_head": dmodel // 4,
@@ -133,4 +135,4 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
     torch.save(student.state_dict(), out / "toy_model_init.pt")
     (out / "toy_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     return {"dir": out, "config": out / "toy_config.yaml", "dataset": out / "toy_dataset.jsonl",
-            "model_init": out / "toy_model_init.pt", "tokenizer": out / "tokenizer"}
+            "model_init": out / "toy_model_init.pt", "tokenizer": out / "tokenizer", "teacher": out / "teacher"}
