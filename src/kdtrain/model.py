@@ -51,7 +51,7 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         path = Path(cfg.init.base_checkpoint)
         if not (path / "config.json").is_file():
             raise ConfigError(f"init.base_checkpoint {path} is not a Hugging Face checkpoint directory (no config.json).")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         return model.to(device)
     torch.manual_seed(cfg.init.seed)
     with torch.device(device):

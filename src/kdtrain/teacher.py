@@ -25,7 +25,7 @@ def load_teacher_model(path: str | Path, device, dtype=None):
         raise ConfigError(f"kd.teacher_path {path} is not a Hugging Face checkpoint directory (no config.json).")
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     except (ValueError, OSError, KeyError) as e:
         raise ConfigError(f"kd.teacher_path {path} is not a causal language model checkpoint: {e}") from None
     if model.get_output_embeddings() is None or not hasattr(model, "model"):

@@ -118,6 +118,9 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
             "temperature": 1.0}}
         lines.append(json.dumps(rec))
     (out / "toy_dataset.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     teacher.save_pretrained(out / "teacher")  # for kd.teacher=online and `kdtrain annotate`
 
     cfg = build_config({
