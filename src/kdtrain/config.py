@@ -63,6 +63,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on CUDA)
     grad_checkpointing: bool = False
+    cpu_offload: bool = False  # FSDP2: sharded params, grads and AdamW state in CPU memory (step on CPU)
     compile: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the fused output-projection + loss
     device: str = "auto"  # auto | cpu | cuda

@@ -50,6 +50,9 @@ class DistState:
 def setup(cfg: Config) -> DistState:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want = cfg.train.device
+    if world == 1 and cfg.train.cpu_offload:
+        raise ConfigError("train.cpu_offload is an FSDP2 option: launch with torchrun on 2 or more GPUs, "
+                          "or set train.cpu_offload=false.")
     if world == 1:
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but CUDA is not available; use train.device=cpu or auto.")
@@ -59,9 +62,10 @@ def setup(cfg: Config) -> DistState:
     if want == "cpu":
         raise ConfigError("distributed training (WORLD_SIZE > 1) needs CUDA; train.device=cpu runs one process.")
     n_gpu = torch.cuda.device_count()
-    if local >= n_gpu:
-        raise ConfigError(f"rank {rank}: LOCAL_RANK {local} but this node has {n_gpu} GPU(s); launch with "
-                          f"--nproc-per-node {n_gpu} or fewer.")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+    if local_world > n_gpu:  # every rank of the node sees the same numbers and stops the same way
+        raise ConfigError(f"rank {rank}: {local_world} processes on this node but it has {n_gpu} GPU(s); "
+                          f"launch with --nproc-per-node {n_gpu} or fewer.")
     if not dist.is_nccl_available():
         raise ConfigError(f"rank {rank}: NCCL is not available in this torch build; install a CUDA build of torch.")
     torch.cuda.set_device(local)
@@ -75,16 +79,17 @@ def shard(model, teacher, state: DistState, cfg: Config):
     """Wrap the Distiller (and an online teacher) with FSDP2 when running on several GPUs."""
     if not state.enabled:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     compute = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     root_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    offload = CPUOffloadPolicy() if cfg.train.cpu_offload else OffloadPolicy()
     layers = model.student.model.layers
     for i, layer in enumerate(layers):
         # The last layer's gather is reused right away by backward: keep it.
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=root_mp, reshard_after_forward=False)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
     if teacher is not None:
         tmp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in teacher.model.model.layers:

@@ -86,14 +86,15 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     """Bytes per GPU: sharded parameter/gradient/optimizer state + activations + loss chunk.
 
     State: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8) = 16 B/param, sharded
-    over ``world_size``, plus one unsharded bf16 layer being gathered (x2 for prefetch).
+    over ``world_size`` (in CPU memory with ``train.cpu_offload``), plus one unsharded bf16 layer
+    being gathered (x2 for prefetch).
     Activations with checkpointing: the bf16 input of each layer plus one layer's full working set.
     """
     a, t = cfg.arch, cfg.train
     n = param_counts(a)
     S = max(t.seq_lengths)
     tokens = t.micro_batch_size * S
-    state = 16 * n["total"] / world_size
+    state = 0 if t.cpu_offload else 16 * n["total"] / world_size  # offloaded: in CPU memory
     gathered = 2 * 2 * n["per_layer"] + (2 * 2 * a.vocab_size * a.d_model if world_size > 1 else 0)
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
     if t.grad_checkpointing:

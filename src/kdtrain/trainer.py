@@ -102,7 +102,7 @@ class Trainer:
         self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
         if t.compile:
             self.student.model.compile()
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and not t.cpu_offload  # offloaded state steps on the CPU
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=lr_at(cfg, 0),
                                            betas=tuple(o.betas), eps=o.eps, fused=fused or None)
@@ -202,10 +202,22 @@ class Trainer:
         data, t = self.val_data, self.cfg.train
         k = data.k if self.cfg.kd.teacher == "topk" else 0
         L = self.cfg.seq_len_at(self.step)
-        mine = list(range(self.dist.rank, len(data), self.dist.world_size))
-        batches = [collate([data.samples[i] for i in mine[s: s + t.micro_batch_size]], L, self.tokenizer.pad_token_id,
-                           k, self._with_reference()) for s in range(0, len(mine), t.micro_batch_size)]
-        batches = [{key: v.to(self.device) for key, v in b.items()} for b in batches]
+        # Every rank runs the same number of forwards (FSDP collectives): short ranks add rows
+        # whose labels are all masked, which contribute nothing.
+        per_rank = -(-len(data) // self.dist.world_size)
+        mine = [i if i < len(data) else -1 for i in range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)]
+        batches = []
+        for s in range(0, len(mine), t.micro_batch_size):
+            idx = mine[s: s + t.micro_batch_size]
+            b = collate([data.samples[max(i, 0)] for i in idx], L, self.tokenizer.pad_token_id, k,
+                        self._with_reference())
+            dummy = torch.tensor([i < 0 for i in idx])
+            b["labels"][dummy] = -100
+            if "topk_mask" in b:
+                b["topk_mask"][dummy] = False
+            if "ref_labels" in b:
+                b["ref_labels"][dummy[[data.samples[max(i, 0)].reference_ids is not None for i in idx]]] = -100
+            batches.append({key: v.to(self.device) for key, v in b.items()})
         counts = self._counts(batches)
         sums = torch.zeros(4, device=self.device)
         for b in batches:

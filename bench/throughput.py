@@ -1,0 +1,201 @@
+"""Training throughput of `kdtrain train` vs the naive HF-style KD step (DESIGN.md), one GPU.
+
+    python bench/throughput.py [--seqs 2048 4096] [--steps 8] [--online] [--naive]
+
+Student: a 1.1B Llama (d_model 2048, 22 layers, 32 heads, 4 KV heads, d_ff 5632, vocab 32000).
+Data: synthetic KD JSONL (random response tokens, a normalised random top-64 per position),
+written to a temporary directory and read by the real data pipeline. The kdtrain figure is the
+real `Trainer` (bf16, chunked loss, torch.compile); the naive baseline is an HF forward with
+full logits, fp32 log-softmax and a gather, eager and compiled. `--online` adds the online
+1.1B-teacher mode and its naive counterpart (full-vocabulary KL). Prints tokens/s per GPU, MFU
+(DESIGN.md formula, peak 989 TFLOP/s) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PEAK = 989e12
+ARCH = {"d_model": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "d_head": 64, "d_ff": 5632,
+        "vocab_size": 32000, "max_seq_len": 4096}
+BATCH = {2048: 8, 4096: 4}
+K = 64
+
+
+def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        resp = [rng.randrange(3, 32000) for _ in range(seq - 3)]
+        ids, lps = [], []
+        for tok in resp:
+            row = [tok] + rng.sample(range(3, 32000), K - 1)
+            raw = sorted((rng.random() * 5 for _ in range(K)), reverse=True)
+            z = math.log(sum(math.exp(v) for v in raw) + 1.0)  # leave some tail mass
+            ids.append(row)
+            lps.append([round(v - z, 5) for v in raw])
+        lines.append(json.dumps({"prompt": "p", "teacher_text": "t", "response_ids": resp,
+                                 "teacher_topk": {"ids": ids, "logprobs": lps, "temperature": 1.0}}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def f_tok(arch: dict, seq: int) -> float:
+    from kdtrain.config import ArchConfig
+    from kdtrain.model import flops_per_token
+
+    return flops_per_token(ArchConfig(**arch), seq)
+
+
+def report(name: str, tokens: int, times: list[float], flops: float, peak: float) -> dict:
+    dt = statistics.median(times)
+    tps = tokens / dt
+    print(f"{name:44s} {tps:10,.0f} tok/s  MFU {100 * tps * flops / PEAK:5.1f}%  peak {peak / 2**30:6.1f} GiB  "
+          f"({dt * 1000:.0f} ms/step)", flush=True)
+    return {"name": name, "tokens_per_s": tps, "mfu": tps * flops / PEAK, "peak_gib": peak / 2**30}
+
+
+def reset():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, extra: list[str]) -> dict:
+    from kdtrain.config import load_config
+    from kdtrain.trainer import Trainer
+
+    B = BATCH[seq]
+    data = tmp / f"data{seq}.jsonl"
+    if not data.exists():
+        synthetic_dataset(data, B * 2, seq)
+    overrides = [f"arch.{k}={v}" for k, v in ARCH.items()] + [
+        f"io.tokenizer_path={tmp / 'tok'}", f"io.train_shards=[{data}]", "io.val_shards=[]",
+        f"io.output_dir={tmp / 'run'}", f"train.seq_lengths=[{seq}]", f"train.micro_batch_size={B}",
+        "train.grad_accum=1", "train.precision=bf16", "train.compile=true", "train.device=cuda",
+        f"train.steps={steps + 3}", "distillation.ce_ground_truth_weight=0", "tracing.console_log=false",
+        "train.loss_chunk_size=4096", *extra]
+    if teacher_dir:
+        overrides += ["kd.teacher=online", f"kd.teacher_path={teacher_dir}"]
+    cfg, _ = load_config([], overrides)
+    reset()
+    trainer = Trainer(cfg, log=False)
+    times = []
+    for i in range(steps + 3):
+        batches = trainer.micro_batches(seq)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step(batches)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}"
+    r = report(name, B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
+    if teacher_dir:
+        sys_flops = f_tok(ARCH, seq) + 2 * teacher_params() + 4 * ARCH["n_layers"] * ARCH["d_model"] * seq
+        print(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")
+        r["system_mfu"] = r["tokens_per_s"] * sys_flops / PEAK
+    del trainer
+    return r
+
+
+def teacher_params() -> int:
+    """The benchmark's teacher has the student's 1.1B shape."""
+    from kdtrain.config import ArchConfig
+    from kdtrain.model import param_counts
+
+    return param_counts(ArchConfig(**ARCH))["total"]
+
+
+def bench_naive(seq: int, steps: int, compiled: bool, online: bool, teacher=None) -> dict:
+    """DESIGN.md's naive step: HF forward, full logits, fp32 log-softmax, gather (or full KL)."""
+    from transformers import LlamaForCausalLM
+
+    from kdtrain.config import ArchConfig
+    from kdtrain.model import llama_config
+
+    B = BATCH[seq]
+    reset()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(llama_config(ArchConfig(**ARCH)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compiled else model
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, 32000, (B, seq), device="cuda", generator=g)
+    top_ids = torch.randint(3, 32000, (B, seq, K), device="cuda", generator=g)
+    top_lp = torch.log_softmax(torch.randn(B, seq, K, device="cuda", generator=g), -1)
+    times = []
+    for i in range(steps + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(input_ids=ids).logits
+            logp = torch.log_softmax(logits.float(), -1)
+            if online:
+                with torch.no_grad():
+                    t_logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+            else:
+                kl = (top_lp.exp() * (top_lp - logp.gather(-1, top_ids))).sum(-1).mean()
+            ce = torch.nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = kl + 0.5 * ce
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del logits, logp, loss
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    name = f"naive {'online' if online else 'top-64'}{' compiled' if compiled else ''} seq {seq} x{B}"
+    r = report(name, B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
+    del model, opt, fwd
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--online", action="store_true", help="also the online-teacher mode (seq 2048)")
+    p.add_argument("--naive", action="store_true", help="also the naive baselines")
+    p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
+    a = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        from kdtrain.tokenizer import build_toy_tokenizer
+
+        build_toy_tokenizer(tmp / "tok")
+        for seq in a.seqs:
+            bench_kdtrain(tmp, seq, a.steps, None, a.set)
+            if a.naive:
+                bench_naive(seq, a.steps, False, False)
+                bench_naive(seq, a.steps, True, False)
+        if a.online:
+            from transformers import LlamaForCausalLM
+
+            from kdtrain.config import ArchConfig
+            from kdtrain.model import llama_config
+
+            torch.manual_seed(1)
+            teacher = LlamaForCausalLM(llama_config(ArchConfig(**ARCH))).to(torch.bfloat16)
+            teacher.save_pretrained(tmp / "teacher")
+            bench_kdtrain(tmp, 2048, a.steps, tmp / "teacher", a.set)
+            if a.naive:
+                teacher = teacher.cuda().eval()
+                bench_naive(2048, a.steps, False, True, teacher)
+                bench_naive(2048, a.steps, True, True, teacher)
+
+
+if __name__ == "__main__":
+    main()
