@@ -39,7 +39,7 @@ def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
         resp = [rng.randrange(3, 32000) for _ in range(seq - 3)]
         ids, lps = [], []
         for tok in resp:
-            row = [tok] + rng.sample(range(3, 32000), K - 1)
+            row = [tok] + [t for t in rng.sample(range(3, 32000), K) if t != tok][: K - 1]
             raw = sorted((rng.random() * 5 for _ in range(K)), reverse=True)
             z = math.log(sum(math.exp(v) for v in raw) + 1.0)  # leave some tail mass
             ids.append(row)

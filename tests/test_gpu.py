@@ -68,8 +68,8 @@ def test_chunked_loss_on_gpu_equals_cpu_reference(dtype, tol):
     weights = {"kl_div": 1.0, "ce_teacher": 0.5, "ce_ground_truth": 0.3}
 
     def run(device, chunk, dt):
-        hh = h.to(device, dt).requires_grad_()
-        ww = w.to(device, dt).requires_grad_()
+        hh = h.to(device, dt).clone().requires_grad_()
+        ww = w.to(device, dt).clone().requires_grad_()
         is_ref = torch.arange(N, device=device) >= 250
         tgt = Targets(labels.to(device), is_ref, ~is_ref, 250, 250, 50,
                       SparseTeacher(lp.indices.to(device), lp.values.to(device), 1.0))
