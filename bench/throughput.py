@@ -30,6 +30,7 @@ ARCH = {"d_model": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "d_head
         "vocab_size": 32000, "max_seq_len": 4096}
 BATCH = {2048: 8, 4096: 4}
 K = 64
+PROFILE = False
 
 
 def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
@@ -98,6 +99,14 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        batches = trainer.micro_batches(seq)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            trainer.train_step(batches)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}"
     r = report(name, B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
     if teacher_dir:
@@ -169,7 +178,10 @@ def main() -> None:
     p.add_argument("--online", action="store_true", help="also the online-teacher mode (seq 2048)")
     p.add_argument("--naive", action="store_true", help="also the naive baselines")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one kdtrain step")
     a = p.parse_args()
+    global PROFILE
+    PROFILE = a.profile
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
