@@ -280,14 +280,19 @@ class Trainer:
                 seq_len = cfg.seq_len_at(self.step)
                 t0 = time.perf_counter()
                 batches = self.micro_batches(seq_len)
-                n_tok = sum(int((b["input_ids"] != self.tokenizer.pad_token_id).sum()) for b in batches)
+                n_tok = sum(int((b[key] != self.tokenizer.pad_token_id).sum())
+                            for b in batches for key in ("input_ids", "ref_input_ids") if key in b)
                 row = {"step": self.step + 1, "seq_len": seq_len, "lr": self.optimizer.param_groups[0]["lr"]}
                 row.update(self.train_step(batches))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
-                row["tokens"] = n_tok
+                n_tok = int(self.dist.all_reduce_counts({"tokens": n_tok})["tokens"])
+                row["tokens"] = n_tok  # all ranks, non-padding (teacher and reference rows)
                 row["tokens_per_s"] = n_tok / dt
+                row["tokens_per_s_per_gpu"] = n_tok / dt / self.dist.world_size
+                if self.device.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 last = self.step == stop
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                     row.update(self.evaluate())

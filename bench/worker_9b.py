@@ -1,0 +1,79 @@
+"""The 9B worker (`configs/worker_9b.yaml`) on N GPUs: real optimizer steps at seq 4096 with
+FSDP2, activation checkpointing and CPU-offloaded optimizer state, a sharded checkpoint, and a
+resume from it. Prints tokens/s per GPU, MFU and peak memory per GPU, next to `kdtrain info`'s
+prediction.
+
+    python bench/worker_9b.py --gpus 2 [--steps 3] [--out /tmp/w9b]
+
+Data: synthetic KD JSONL (random tokens, top-64 rows), tokenizer: the toy tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import PEAK, synthetic_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "worker_9b.yaml"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--out", default="/tmp/worker_9b")
+    p.add_argument("--set", nargs="*", default=[])
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from kdtrain.config import load_config
+    from kdtrain.model import flops_per_token, memory_estimate
+    from kdtrain.tokenizer import build_toy_tokenizer
+
+    if not (out / "tok").is_dir():
+        build_toy_tokenizer(out / "tok")
+    data = out / f"data{a.seq}.jsonl"
+    if not data.exists():
+        synthetic_dataset(data, 2 * a.gpus * a.grad_accum, a.seq)
+    overrides = [f"io.tokenizer_path={out / 'tok'}", f"io.train_shards=[{data}]", "io.val_shards=[]",
+                 f"io.output_dir={out / 'run'}", f"train.seq_lengths=[{a.seq}]", "curriculum.schedule=[]",
+                 "train.micro_batch_size=1", f"train.grad_accum={a.grad_accum}", "train.cpu_offload=true",
+                 "train.keep_checkpoints=1", "tracing.use_tensorboard=false", "tracing.console_log=false", *a.set]
+    cfg, _ = load_config([CONFIG], overrides + [f"train.steps={a.steps}"])
+    predicted = memory_estimate(cfg, a.gpus)["total"] / 2**30
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+    def launch(steps: int, resume: bool) -> float:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.gpus}",
+               "-m", "kdtrain", "train", str(CONFIG), *overrides, f"train.steps={steps}"] + (["--resume"] if resume else [])
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        return time.perf_counter() - t0
+
+    wall = launch(a.steps, resume=False)
+    rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    ckpts = sorted((out / "run" / "checkpoints").glob("step_*"))
+    print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, data, checkpoint); checkpoint {ckpts[-1].name}")
+    launch(a.steps + 1, resume=True)
+    rows2 = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    print(f"resumed: steps {[r['step'] for r in rows2[len(rows):]]}")
+    f_tok = flops_per_token(cfg.arch, a.seq)
+    for r in rows2:
+        tps = r["tokens_per_s_per_gpu"]
+        print(f"step {r['step']}: total {r['total']:.4f}  {tps:,.0f} tok/s/GPU  MFU {100 * tps * f_tok / PEAK:.1f}%  "
+              f"peak {r['peak_mem_gib']:.1f} GiB/GPU")
+    print(f"kdtrain info predicts {predicted:.1f} GiB/GPU; measured max {max(r['peak_mem_gib'] for r in rows2):.1f}")
+
+
+if __name__ == "__main__":
+    main()
