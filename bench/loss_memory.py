@@ -3,7 +3,7 @@ the inputs and median time, plain (materialised fp32 logits) vs chunked, and Lig
 `LigerFusedLinearJSDLoss` as a peer on CUDA when it is installed (benchmark-only dependency).
 
     python bench/loss_memory.py                  # CUDA: N 8192, d 4096, V 32000 and 128000
-    python bench/loss_memory.py --device cpu     # CPU: smaller default sizes (see --n/--d/--vocabs)
+    python bench/loss_memory.py --device cpu     # CPU: N 4096, d 256, V 32000 (see --n/--d/--vocabs)
 
 Inputs are bf16 (CPU: fp32): student hidden [N, d] and weight [V, d], teacher hidden and
 weight (online) or top-64 ids/log-probs (sparse), labels. JSD with beta 0.5 (Liger's default)
@@ -99,12 +99,13 @@ def main() -> None:
     p.add_argument("--n", type=int)
     p.add_argument("--d", type=int)
     p.add_argument("--vocabs", type=int, nargs="+")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, help="tokens per chunk (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant (CPU, own process)
     a = p.parse_args()
     cuda = a.device == "cuda"
-    n, d = a.n or (8192 if cuda else 2048), a.d or (4096 if cuda else 1024)
+    n, d = a.n or (8192 if cuda else 4096), a.d or (4096 if cuda else 256)
+    a.chunk = a.chunk or (1024 if cuda else 256)
     vocabs = a.vocabs or ([32000, 128000] if cuda else [32000])
     dtype = torch.bfloat16 if cuda else torch.float32
     if a.one:

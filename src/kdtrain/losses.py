@@ -65,7 +65,9 @@ def sparse_teacher_buckets(teacher: SparseTeacher, temperature: float, vocab_siz
         return buckets
     n_rest = vocab_size - lp.shape[-1]
     listed = lp * r
-    tail = math.log(n_rest) + r * (buckets[..., -1:] - math.log(n_rest)) if n_rest > 0 else buckets[..., -1:] * 0 - math.inf
+    # k == V leaves no unlisted token to re-temper: keep the floored tail (as the student's is)
+    # rather than -inf, which made the reverse KL infinite.
+    tail = math.log(n_rest) + r * (buckets[..., -1:] - math.log(n_rest)) if n_rest > 0 else buckets[..., -1:]
     raw = torch.cat([listed, tail], dim=-1)
     return raw - torch.logsumexp(raw, dim=-1, keepdim=True)
 
@@ -115,7 +117,11 @@ def kl_div(student_logits, teacher, mask, temperature=1.0, kind="forward_kl", be
     """Mean over ``mask`` of the divergence between teacher and student at temperature T, times T**2."""
     mask = mask.reshape(-1)
     s = student_logits.reshape(mask.numel(), -1)
-    t = teacher[mask] if isinstance(teacher, SparseTeacher) else teacher.reshape(mask.numel(), -1)[mask]
+    if isinstance(teacher, SparseTeacher):  # [..., k] rows, flattened like the student
+        k = teacher.ids.shape[-1]
+        t = SparseTeacher(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k), teacher.temperature)[mask]
+    else:
+        t = teacher.reshape(mask.numel(), -1)[mask]
     per = kl_per_position(s[mask], t, temperature, kind, beta)
     return _normalise(per.sum(), mask, normalizer)
 
@@ -163,59 +169,103 @@ class Targets:
         return kl, ce
 
 
-def _chunk_losses(logits, tgt: Targets, sl, teacher_logits, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted total, [3] component sums already divided by their normalisers) for one chunk."""
-    labels, is_ref, kl_mask = tgt.labels[sl], tgt.is_ref[sl], tgt.kl_mask[sl]
-    kl_coef, ce_coef = (c[sl] for c in tgt.coefficients(cfg["weights"]))
+def _objective(logits, labels, is_ref, kl_mask, kl_coef, ce_coef, t_logits, t_ids, t_lps, temperature: float,
+               capture_t: float, kind: str, beta: float, with_kl: bool):
+    """One chunk: (weighted total, [3] raw sums of kl, ce on teacher rows, ce on reference rows).
+
+    Tensors in, tensors out, no data-dependent Python: the same function runs eagerly on the CPU
+    and under ``torch.compile`` on CUDA, where its elementwise work fuses into a few kernels.
+    """
     ce = ce_per_position(logits, labels)
-    if cfg["weights"]["kl_div"] > 0 or cfg["report_kl"]:
-        teacher = tgt.sparse[sl] if tgt.sparse is not None else teacher_logits
-        kl = kl_per_position(logits, teacher, cfg["temperature"], cfg["kind"], cfg["beta"]) * kl_mask
+    if with_kl:
+        teacher = SparseTeacher(t_ids, t_lps, capture_t) if t_ids is not None else t_logits
+        kl = kl_per_position(logits, teacher, temperature, kind, beta) * kl_mask
     else:
         kl = torch.zeros_like(ce)
     total_ = (kl * kl_coef).sum() + (ce * ce_coef).sum()
-    comps = torch.stack([
-        kl.sum() / max(tgt.n_kl, 1),
-        (ce * ~is_ref).sum() / max(tgt.n_ce_teacher, 1),
-        (ce * is_ref).sum() / max(tgt.n_ce_ground_truth, 1),
-    ])
-    return total_, comps.detach()
+    sums = torch.stack([kl.sum(), (ce * ~is_ref).sum(), (ce * is_ref).sum()])
+    return total_, sums
+
+
+_COMPILED = {}
+
+
+def _compiled_objective():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_objective, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def _chunk_args(tgt: Targets, coefs, sl, teacher_logits, pad: int = 0) -> tuple:
+    """The per-position tensors of one chunk; ``pad`` extra rows that contribute nothing (static
+    shapes for the compiled objective: labels -100, masks False, coefficients 0, a uniform top-k)."""
+    kl_coef, ce_coef = coefs
+    args = [tgt.labels[sl], tgt.is_ref[sl], tgt.kl_mask[sl], kl_coef[sl], ce_coef[sl], teacher_logits,
+            tgt.sparse.ids[sl] if tgt.sparse is not None else None,
+            tgt.sparse.logprobs[sl] if tgt.sparse is not None else None]
+    if pad:
+        fills = [IGNORE, False, False, 0.0, 0.0, 0.0, 0, -math.log(args[6].shape[-1]) if args[6] is not None else 0]
+        args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), f)]) for a, f in zip(args, fills)]
+    return tuple(args)
+
+
+def _normalised(sums: torch.Tensor, tgt: Targets) -> torch.Tensor:
+    n = torch.tensor([tgt.n_kl, tgt.n_ce_teacher, tgt.n_ce_ground_truth], dtype=sums.dtype, device=sums.device)
+    return sums / n.clamp(min=1)
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """Output projection + all components per chunk; gradients are formed chunk by chunk during
-    the forward pass (there is nothing left to recompute in backward), so neither the
-    ``[N, V]`` logits nor their gradient ever exist for more than one chunk."""
+    """Output projection + all components per chunk; the gradients w.r.t. the hidden states and
+    the output weight are formed chunk by chunk during the forward pass (so nothing is left to
+    recompute in backward), and neither the ``[N, V]`` logits nor their gradient ever exist for
+    more than one chunk. The weight gradient accumulates in the weight's dtype (bf16 weights:
+    one rounding per chunk, as fused-linear losses do)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tgt, cfg, chunk):
         N = hidden.shape[0]
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
         total_ = hidden.new_zeros((), dtype=torch.float32)
-        comps = hidden.new_zeros(3, dtype=torch.float32)
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        coefs = tgt.coefficients(cfg["weights"])
+        fn = _compiled_objective() if cfg["compile"] else _objective
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        consts = (cfg["temperature"], tgt.sparse.temperature if tgt.sparse is not None else 1.0, cfg["kind"],
+                  cfg["beta"], cfg["with_kl"])
         for s in range(0, N, chunk):
             sl = slice(s, min(s + chunk, N))
+            n = sl.stop - s
+            pad = chunk - n if cfg["compile"] else 0
             h = hidden[sl]
+            logits = h @ weight.t()
             t_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
                     t_logits = teacher_hidden[sl] @ teacher_weight.t()
+                if pad:
+                    t_logits = torch.cat([t_logits, t_logits.new_zeros(pad, t_logits.shape[1])])
+            if pad:
+                logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
+            logits = logits.detach().requires_grad_(need_h or need_w)
             with torch.enable_grad():
-                logits = (h @ weight.t()).detach().requires_grad_(need)
-                t, c = _chunk_losses(logits, tgt, sl, t_logits, cfg)
+                t, c = fn(logits, *_chunk_args(tgt, coefs, sl, t_logits, pad), *consts)
             total_ += t.detach()
-            comps += c
-            if need:
+            sums += c.detach()
+            if need_h or need_w:
                 (g,) = torch.autograd.grad(t, logits)
-                g = g.to(h.dtype)
-                if grad_h is not None:
+                g = g[:n] if autocast else g[:n].to(h.dtype)  # under autocast the matmuls run in bf16
+                if need_h:
                     grad_h[sl] = g @ weight
-                if grad_w is not None:
-                    grad_w += (g.t() @ h).float()
+                if need_w:
+                    if not autocast and grad_w.dtype == g.dtype:
+                        grad_w.addmm_(g.t(), h)  # in place: no [V, d] temporary
+                    else:
+                        grad_w += (g.t() @ h).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
+        comps = _normalised(sums, tgt)
         ctx.mark_non_differentiable(comps)
         return total_, comps
 
@@ -223,24 +273,28 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, g_total, g_comps):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * g_total.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * g_total).to(ctx.weight_dtype) if grad_w is not None else None
+        gw = (grad_w * g_total.to(grad_w.dtype)) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
 
 
 def kd_loss(hidden, weight, tgt: Targets, weights: dict, temperature=1.0, kind="forward_kl", beta=0.5,
-            teacher_hidden=None, teacher_weight=None, chunk_size: int | None = 1024) -> dict:
+            teacher_hidden=None, teacher_weight=None, chunk_size: int | None = 1024, compile: bool = False) -> dict:
     """All components from final hidden states ``[N, d]`` and the output weight ``[V, d]``.
 
     ``chunk_size=None`` is the plain path (full ``[N, V]`` logits through autograd); otherwise the
-    chunked path. Both return ``{kl_div, ce_teacher, ce_ground_truth, total}`` with equal values
-    and gradients; only ``total`` carries gradient.
+    chunked path (``compile=True``: its per-chunk objective runs under ``torch.compile`` with
+    static chunk shapes). Both return ``{kl_div, ce_teacher, ce_ground_truth, total}`` with equal
+    values and gradients; only ``total`` carries gradient.
     """
-    cfg = {"weights": weights, "temperature": temperature, "kind": kind, "beta": beta,
-           "report_kl": tgt.sparse is not None or teacher_hidden is not None}
+    with_kl = tgt.sparse is not None or teacher_hidden is not None
     if chunk_size is None:
         t_logits = None if teacher_hidden is None else (teacher_hidden @ teacher_weight.t()).detach()
-        total_, comps = _chunk_losses(hidden @ weight.t(), tgt, slice(None), t_logits, cfg)
+        coefs = tgt.coefficients(weights)
+        consts = (temperature, tgt.sparse.temperature if tgt.sparse is not None else 1.0, kind, beta, with_kl)
+        total_, sums = _objective(hidden @ weight.t(), *_chunk_args(tgt, coefs, slice(None), t_logits), *consts)
+        comps = _normalised(sums.detach(), tgt)
     else:
+        cfg = {"weights": weights, "temperature": temperature, "kind": kind, "beta": beta, "with_kl": with_kl,
+               "compile": compile}
         total_, comps = _ChunkedKD.apply(hidden, weight, teacher_hidden, teacher_weight, tgt, cfg, chunk_size)
     return {"kl_div": comps[0], "ce_teacher": comps[1], "ce_ground_truth": comps[2], "total": total_}
-

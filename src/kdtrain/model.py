@@ -136,6 +136,7 @@ class Distiller(nn.Module):
         self.temperature, self.kind, self.beta = k.temperature, k.divergence, k.jsd_beta
         self.topk_temperature = topk_temperature or 1.0
         self.chunk_size = cfg.train.loss_chunk_size
+        self.compile_loss = cfg.train.compile
 
     def forward(self, batch: dict, counts: dict, teacher=None, chunked: bool = True) -> dict:
         ids, labels = batch["input_ids"], batch["labels"]
@@ -174,4 +175,4 @@ class Distiller(nn.Module):
         tgt = Targets(labels_all[valid], is_ref, kl_mask, counts["n_kl"], counts["n_ce_teacher"],
                       counts["n_ce_ground_truth"], sparse)
         return kd_loss(h, self.student.lm_head.weight, tgt, self.weights, self.temperature, self.kind, self.beta,
-                       t_hidden, t_weight, self.chunk_size if chunked else None)
+                       t_hidden, t_weight, self.chunk_size if chunked else None, compile=self.compile_loss)
