@@ -1,6 +1,6 @@
 """The loss alone (output projection + KD divergence + CE, forward + backward): peak memory above
 the inputs and median time, plain (materialised fp32 logits) vs chunked, and Liger Kernel's
-`LigerFusedLinearJSDLoss` as a peer on CUDA when it is installed (benchmark-only dependency).
+`LigerFusedLinearJSD` as a peer on CUDA when it is installed (benchmark-only dependency).
 
     python bench/loss_memory.py                  # CUDA: N 8192, d 4096, V 32000 and 128000
     python bench/loss_memory.py --device cpu     # CPU: N 4096, d 256, V 32000 (see --n/--d/--vocabs)
@@ -48,9 +48,9 @@ def run_variant(name, n, d, v, device, dtype, chunk, iters):
     online = "online" in name
 
     if name.startswith("liger"):
-        from liger_kernel.transformers import LigerFusedLinearJSDLoss
+        from liger_kernel.transformers import LigerFusedLinearJSD
 
-        liger = LigerFusedLinearJSDLoss(jsd_beta=0.5, temperature=1.0)
+        liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
 
         def step():
             loss = liger(h, w, th, tw, labels)
@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--d", type=int)
     p.add_argument("--vocabs", type=int, nargs="+")
     p.add_argument("--chunk", type=int, help="tokens per chunk (default: 256 on CPU, 1024 on CUDA)")
+    p.add_argument("--only", nargs="*", help="run only these variants")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant (CPU, own process)
     a = p.parse_args()
@@ -113,7 +114,9 @@ def main() -> None:
         print(json.dumps(run_variant(name, n, d, int(v), a.device, dtype, a.chunk, a.iters)))
         return
     names = ["plain-online", "chunked-online", "plain-topk", "chunked-topk"]
-    if cuda:
+    if a.only:
+        names = [x for x in names if x in a.only]
+    if cuda and (not a.only or "liger-online" in a.only):
         try:
             import liger_kernel  # noqa: F401
 

@@ -31,6 +31,7 @@ ARCH = {"d_model": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "d_head
 BATCH = {2048: 8, 4096: 4}
 K = 64
 PROFILE = False
+SDPA = None  # set in main(): a context choosing the attention kernels
 
 
 def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
@@ -95,7 +96,8 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         batches = trainer.micro_batches(seq)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        trainer.train_step(batches)
+        with SDPA():
+            trainer.train_step(batches)
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -179,9 +181,17 @@ def main() -> None:
     p.add_argument("--naive", action="store_true", help="also the naive baselines")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one kdtrain step")
+    p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient"],
+                   help="attention kernels for the kdtrain step (default: PyTorch's choice)")
     a = p.parse_args()
-    global PROFILE
+    global PROFILE, SDPA
     PROFILE = a.profile
+    import contextlib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    SDPA = {"default": contextlib.nullcontext,
+            "flash": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
+            "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])}[a.sdpa]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -186,7 +186,9 @@ def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"file {path} is not UTF-8 ({e}).") from None
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
+        # allows raw inside strings (any writer with ensure_ascii=False emits them).
+        for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

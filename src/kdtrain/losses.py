@@ -271,9 +271,11 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_total, g_comps):
+        # In place: the buffers are this call's own, and a second [V, d] copy is what the chunking
+        # saves (so backward through this node runs once, as without retain_graph).
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * g_total.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * g_total.to(grad_w.dtype)) if grad_w is not None else None
+        gh = grad_h.mul_(g_total.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(g_total.to(grad_w.dtype)) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
 
 
