@@ -616,10 +616,17 @@ def test_only_total_carries_gradient(chunk):
     assert out["total"].requires_grad
     for c in ("kl_div", "ce_teacher", "ce_ground_truth"):
         assert not out[c].requires_grad, c
-    # a second backward through total with another upstream gradient scales the gradient
-    (gh1,) = torch.autograd.grad(out["total"], h, retain_graph=True)
-    (gh3,) = torch.autograd.grad(3 * out["total"], h)
+    # the upstream gradient scales the gradient (a fresh forward each time: the chunked path
+    # hands its precomputed gradients over once)
+    (gh1,) = torch.autograd.grad(out["total"], h)
+    out3 = kd_loss(h, w, tgt, WEIGHTS, chunk_size=chunk)
+    (gh3,) = torch.autograd.grad(3 * out3["total"], h)
     torch.testing.assert_close(gh3, 3 * gh1)
+    if chunk is not None:
+        again = kd_loss(h, w, tgt, WEIGHTS, chunk_size=chunk)
+        torch.autograd.grad(again["total"], h, retain_graph=True)
+        with pytest.raises(RuntimeError, match="ran twice"):
+            torch.autograd.grad(again["total"], h)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

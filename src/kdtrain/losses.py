@@ -264,16 +264,20 @@ class _ChunkedKD(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h)  # in place: no [V, d] temporary
                     else:
                         grad_w += (g.t() @ h).to(grad_w.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.grads = (grad_h, grad_w)
         comps = _normalised(sums, tgt)
         ctx.mark_non_differentiable(comps)
         return total_, comps
 
     @staticmethod
     def backward(ctx, g_total, g_comps):
-        # In place: the buffers are this call's own, and a second [V, d] copy is what the chunking
-        # saves (so backward through this node runs once, as without retain_graph).
-        grad_h, grad_w = ctx.saved_tensors
+        # The buffers are handed over, scaled in place, and no longer held here, so autograd can
+        # adopt them as .grad without a second [V, d] copy. Hence one backward per forward.
+        if ctx.grads is None:
+            raise RuntimeError("backward through the chunked KD loss ran twice; its gradients were formed in the "
+                               "forward pass and handed over once (recompute the loss instead of retain_graph).")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
         gh = grad_h.mul_(g_total.to(grad_h.dtype)) if grad_h is not None else None
         gw = grad_w.mul_(g_total.to(grad_w.dtype)) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
