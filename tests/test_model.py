@@ -83,3 +83,31 @@ def test_worker_9b_is_nine_billion_parameters():
 
         model = LlamaForCausalLM(llama_config(cfg.arch))
     assert sum(p.numel() for p in model.parameters()) == param_counts(cfg.arch)["total"]
+
+
+def test_attention_is_causal_sdpa_without_a_mask(student, monkeypatch):
+    """The student's attention never builds a mask (which would rule out flash kernels) and equals
+    Hugging Face's own SDPA attention with its causal mask."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    ids = torch.randint(3, 32000, (2, 9), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        ours = student(input_ids=ids).logits
+    assert calls and all(m is None and c is True for m, c in calls)
+    student.set_attn_implementation("eager")  # HF's reference path with an explicit causal mask
+    try:
+        with torch.no_grad():
+            ref = student(input_ids=ids).logits
+    finally:
+        from kdtrain.model import CAUSAL_ATTENTION
+
+        student.set_attn_implementation(CAUSAL_ATTENTION)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

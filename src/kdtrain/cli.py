@@ -36,9 +36,10 @@ def cmd_train(a) -> int:
     cfg, _ = load_config(files, overrides)
     trainer = Trainer(cfg, resume=a.resume)
     rows = trainer.fit()
-    if trainer.dist.rank == 0 and rows:
-        last = rows[-1]
-        print(f"done: step {last['step']}, total {last['total']:.4f}; run directory {trainer.run_dir}")
+    if trainer.dist.rank == 0:
+        last = f"step {rows[-1]['step']}, total {rows[-1]['total']:.4f}" if rows else f"already at step {trainer.step}"
+        print(f"done: {last}; run directory {trainer.run_dir}")
+    trainer.dist.close()
     return 0
 
 

@@ -41,6 +41,11 @@ class DistState:
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             dist.all_reduce(t)

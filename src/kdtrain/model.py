@@ -3,7 +3,8 @@ checkpoint), its size and FLOP accounting, and ``Distiller``, the module whose f
 student on a batch and returns every loss component.
 
 Rows are padded on the right, so the causal mask alone keeps padding out of every valid
-position: no attention mask is passed, which lets SDPA use its fused causal kernels.
+position: attention runs as SDPA with ``is_causal=True`` and no mask (``register_causal_attention``),
+which keeps the fused flash kernels, eager or compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,30 @@ from .data import IGNORE
 from .losses import SparseTeacher, Targets, kd_loss
 
 
+CAUSAL_ATTENTION = "kdtrain_causal"
+
+
+def register_causal_attention() -> str:
+    """Register SDPA attention that is always causal and never builds a mask.
+
+    kdtrain pads on the right and never packs rows, so the causal mask is all a row needs.
+    Hugging Face's "sdpa" path materialises a ``[B, 1, S, S]`` mask whenever it runs under
+    ``torch.compile``, which rules out the fused flash kernels; this one passes ``is_causal=True``
+    and no mask, eager or compiled.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+    AttentionInterface.register(CAUSAL_ATTENTION, causal_sdpa)
+    AttentionMaskInterface.register(CAUSAL_ATTENTION, lambda *args, **kwargs: None)
+    return CAUSAL_ATTENTION
+
+
 def llama_config(arch: ArchConfig, std: float = 0.02, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
     from transformers import LlamaConfig
 
@@ -27,7 +52,7 @@ def llama_config(arch: ArchConfig, std: float = 0.02, pad_id: int = 0, bos_id: i
         vocab_size=arch.vocab_size, max_position_embeddings=arch.max_seq_len, rope_theta=arch.rope_theta,
         rms_norm_eps=arch.norm_eps, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         initializer_range=std, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
-        attn_implementation="sdpa",
+        attn_implementation=register_causal_attention(),
     )
 
 
@@ -51,7 +76,8 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         path = Path(cfg.init.base_checkpoint)
         if not (path / "config.json").is_file():
             raise ConfigError(f"init.base_checkpoint {path} is not a Hugging Face checkpoint directory (no config.json).")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=register_causal_attention())
         return model.to(device)
     torch.manual_seed(cfg.init.seed)
     with torch.device(device):

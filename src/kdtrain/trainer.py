@@ -61,7 +61,7 @@ def check_paths(cfg: Config) -> None:
     out = Path(cfg.io.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
