@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--out", default="/tmp/worker_9b")
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--no-resume", action="store_true", help="skip the resume run (it writes a second checkpoint)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,13 +61,15 @@ def main() -> None:
         subprocess.run(cmd, check=True, env=env)
         return time.perf_counter() - t0
 
-    wall = launch(a.steps, resume=False)
-    rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    ckpts = sorted((out / "run" / "checkpoints").glob("step_*"))
-    print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, data, checkpoint); checkpoint {ckpts[-1].name}")
-    launch(a.steps + 1, resume=True)
-    rows2 = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    print(f"resumed: steps {[r['step'] for r in rows2[len(rows):]]}")
+    try:
+        wall = launch(a.steps, resume=False)
+        print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, data, checkpoint)")
+        if not a.no_resume:
+            launch(a.steps + 1, resume=True)
+    finally:
+        metrics = out / "run" / "metrics.jsonl"
+        rows2 = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+        print(f"checkpoints: {[p.name for p in sorted((out / 'run' / 'checkpoints').glob('step_*'))]}")
     f_tok = flops_per_token(cfg.arch, a.seq)
     for r in rows2:
         tps = r["tokens_per_s_per_gpu"]

@@ -95,6 +95,13 @@ def shard(model, teacher, state: DistState, cfg: Config):
         # The last layer's gather is reused right away by backward: keep it.
         fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
+    # Each rank's loss is already divided by the global token count: gradients must be summed
+    # across ranks, not averaged (FSDP's default divides by the world size).
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+        elif hasattr(module, "set_reduce_scatter_divide_factor"):  # torch < 2.8
+            module.set_reduce_scatter_divide_factor(1.0)
     if teacher is not None:
         tmp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in teacher.model.model.layers:
