@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--out", default="/tmp/worker_9b")
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--timeout", type=float, default=None, help="seconds per launch")
     p.add_argument("--no-resume", action="store_true", help="skip the resume run (it writes a second checkpoint)")
     a = p.parse_args()
     out = Path(a.out)
@@ -58,7 +59,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.gpus}",
                "-m", "kdtrain", "train", str(CONFIG), *overrides, f"train.steps={steps}"] + (["--resume"] if resume else [])
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
         return time.perf_counter() - t0
 
     try:
@@ -66,6 +67,8 @@ def main() -> None:
         print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, data, checkpoint)")
         if not a.no_resume:
             launch(a.steps + 1, resume=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        print(f"launch failed or timed out: {e}")
     finally:
         metrics = out / "run" / "metrics.jsonl"
         rows2 = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -75,7 +78,8 @@ def main() -> None:
         tps = r["tokens_per_s_per_gpu"]
         print(f"step {r['step']}: total {r['total']:.4f}  {tps:,.0f} tok/s/GPU  MFU {100 * tps * f_tok / PEAK:.1f}%  "
               f"peak {r['peak_mem_gib']:.1f} GiB/GPU")
-    print(f"kdtrain info predicts {predicted:.1f} GiB/GPU; measured max {max(r['peak_mem_gib'] for r in rows2):.1f}")
+    measured = max((r["peak_mem_gib"] for r in rows2), default=float("nan"))
+    print(f"kdtrain info predicts {predicted:.1f} GiB/GPU; measured max {measured:.1f}")
 
 
 if __name__ == "__main__":
