@@ -76,7 +76,9 @@ def setup(cfg: Config) -> DistState:
     torch.cuda.set_device(local)
     device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl", device_id=device)
+        # Offloaded shards live in CPU memory: their collectives (e.g. the grad-norm) need gloo too.
+        backend = "cuda:nccl,cpu:gloo" if cfg.train.cpu_offload else "nccl"
+        dist.init_process_group(backend, device_id=device)
     return DistState(rank, world, device)
 
 
