@@ -37,8 +37,8 @@ class DataError(ValueError):
 class Sample:
     prompt_ids: list[int]  # BOS + prompt
     response_ids: list[int]  # teacher_text + EOS
-    topk_ids: list[list[int]] | None = None
-    topk_logprobs: list[list[float]] | None = None
+    topk_ids: torch.Tensor | None = None  # [len(response_ids), k] int32
+    topk_logprobs: torch.Tensor | None = None  # [len(response_ids), k] float32
     reference_ids: list[int] | None = None  # reference + EOS
 
 
@@ -120,6 +120,30 @@ def _parse_topk(rec: dict, n: int, vocab: int, path, line: int):
     k = len(ids[0]) if ids and isinstance(ids[0], list) else 0
     if k == 0:
         raise DataError(f"field 'teacher_topk.ids' rows must be non-empty lists {_where(path, line)}.")
+    ids_t, lps_t = _topk_tensors(ids, lps, n, k, vocab)
+    if ids_t is None:  # something is off: the row-by-row check names the first problem
+        _check_topk_rows(ids, lps, k, vocab, path, line)
+        raise DataError(f"field 'teacher_topk' holds values of the wrong type {_where(path, line)}.")
+    return ids_t, lps_t.clamp(max=0.0), float(temp), k
+
+
+def _topk_tensors(ids, lps, n: int, k: int, vocab: int):
+    """All rows checked at once: ([n, k] int32 ids, [n, k] float32 log-probs), or (None, None)."""
+    try:
+        ids_t, lps_t = torch.tensor(ids), torch.tensor(lps, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None, None
+    if ids_t.dtype != torch.int64 or ids_t.shape != (n, k) or lps_t.shape != (n, k):
+        return None, None
+    if any(isinstance(i, bool) for row in ids for i in row) or any(isinstance(v, bool) for row in lps for v in row):
+        return None, None
+    sorted_ids = ids_t.sort(dim=-1).values
+    bad = ((ids_t < 0) | (ids_t >= vocab)).any() or not torch.isfinite(lps_t).all() or (lps_t > 1e-6).any() \
+        or (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any() or (lps_t.exp().sum(-1) > 1 + 1e-3).any()
+    return (None, None) if bad else (ids_t.to(torch.int32), lps_t.to(torch.float32))
+
+
+def _check_topk_rows(ids, lps, k: int, vocab: int, path, line: int) -> None:
     for j, (row_i, row_l) in enumerate(zip(ids, lps)):
         if not isinstance(row_i, list) or not isinstance(row_l, list) or len(row_i) != k or len(row_l) != k:
             got = len(row_i) if isinstance(row_i, list) else row_i
@@ -141,7 +165,6 @@ def _parse_topk(rec: dict, n: int, vocab: int, path, line: int):
         if sum(math.exp(v) for v in row_l) > 1 + 1e-3:
             raise DataError(f"field 'teacher_topk.logprobs' row {j} has probabilities summing above 1 "
                             f"{_where(path, line)}: store normalised log-probabilities.")
-    return ids, [[min(float(v), 0.0) for v in row] for row in lps], float(temp), k
 
 
 def parse_record(rec, tokenizer, vocab: int, path, line: int):
@@ -224,7 +247,7 @@ def _truncate(prompt: list[int], target: list[int], L: int) -> tuple[list[int], 
 
 def collate(samples: list[Sample], seq_len: int, pad_id: int, k: int, with_reference: bool) -> dict:
     """Pad a micro-batch into tensors; rows are padded to the longest row, at most ``seq_len``."""
-    rows, labels, tk_ids, tk_lps, tk_mask = [], [], [], [], []
+    rows, labels, spans = [], [], []
     for s in samples:
         prompt, n = _truncate(s.prompt_ids, s.response_ids, seq_len)
         seq = prompt + s.response_ids[:n]
@@ -233,23 +256,19 @@ def collate(samples: list[Sample], seq_len: int, pad_id: int, k: int, with_refer
         lab[P - 1:P - 1 + n] = s.response_ids[:n]
         rows.append(seq)
         labels.append(lab)
-        if k:
-            ids = [[0] * k] * len(seq)
-            lps = [[0.0] * k] * len(seq)
-            m = [False] * len(seq)
-            if s.topk_ids is not None:
-                ids[P - 1:P - 1 + n] = s.topk_ids[:n]
-                lps[P - 1:P - 1 + n] = s.topk_logprobs[:n]
-                m[P - 1:P - 1 + n] = [True] * n
-            tk_ids.append(ids)
-            tk_lps.append(lps)
-            tk_mask.append(m)
+        spans.append((P - 1, n))
     batch = _pad(rows, labels, pad_id)
     if k:
-        S = batch["input_ids"].shape[1]
-        batch["topk_ids"] = torch.tensor([r + [[0] * k] * (S - len(r)) for r in tk_ids], dtype=torch.long)
-        batch["topk_logprobs"] = torch.tensor([r + [[0.0] * k] * (S - len(r)) for r in tk_lps], dtype=torch.float32)
-        batch["topk_mask"] = torch.tensor([r + [False] * (S - len(r)) for r in tk_mask], dtype=torch.bool)
+        B, S = batch["input_ids"].shape
+        ids = torch.zeros(B, S, k, dtype=torch.long)
+        lps = torch.zeros(B, S, k, dtype=torch.float32)
+        mask = torch.zeros(B, S, dtype=torch.bool)
+        for i, (s, (start, n)) in enumerate(zip(samples, spans)):
+            if s.topk_ids is not None:
+                ids[i, start:start + n] = torch.as_tensor(s.topk_ids[:n])
+                lps[i, start:start + n] = torch.as_tensor(s.topk_logprobs[:n])
+                mask[i, start:start + n] = True
+        batch.update(topk_ids=ids, topk_logprobs=lps, topk_mask=mask)
     if with_reference:
         ref_rows, ref_labels = [], []
         for s in samples:
