@@ -58,8 +58,9 @@ def cmd_info(a) -> int:
     for S in cfg.train.seq_lengths:
         print(f"FLOPs per token  {flops_per_token(cfg.arch, S):.4g} at seq {S} (6 N_matmul + 12 L d S)")
     mem = memory_estimate(cfg, a.world_size)
-    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
-    print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB at world size {a.world_size} ({parts} GiB)")
+    parts = ", ".join(f"{k} {mem[k] / 2**30:.2f}" for k in ("state", "gathered_params", "activations", "loss"))
+    print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB peak at world size {a.world_size}: building the model "
+          f"{mem['build'] / 2**30:.2f}, training {mem['train'] / 2**30:.2f} ({parts} GiB)")
     return 0
 
 

@@ -109,12 +109,14 @@ def flops_per_token(arch: ArchConfig, seq_len: int) -> float:
 
 
 def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
-    """Bytes per GPU: sharded parameter/gradient/optimizer state + activations + loss chunk.
+    """Peak bytes per GPU: the larger of building the model and training it.
 
-    State: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8) = 16 B/param, sharded
-    over ``world_size`` (in CPU memory with ``train.cpu_offload``), plus one unsharded bf16 layer
-    being gathered (x2 for prefetch).
-    Activations with checkpointing: the bf16 input of each layer plus one layer's full working set.
+    Build: the student is created unsharded in fp32 on every GPU (4 B/param) before it is
+    sharded. Training: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8) = 16 B/param
+    sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``), one bf16 layer being
+    gathered (x2 for prefetch) plus the gathered root (embedding + head) when sharded;
+    activations (with checkpointing: each layer's bf16 input plus one layer's working set); the
+    loss chunk (logits, their gradient and fp32 intermediates) and the head's weight gradient.
     """
     a, t = cfg.arch, cfg.train
     n = param_counts(a)
@@ -127,9 +129,11 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
         act = a.n_layers * tokens * a.d_model * 2 + per_layer_act
     else:
         act = a.n_layers * per_layer_act
-    chunk = t.loss_chunk_size * a.vocab_size * 4 * 3 + a.vocab_size * a.d_model * 4  # logits+grads, fp32 grad of W
-    return {"state": state, "gathered_params": gathered, "activations": act, "loss": chunk,
-            "total": state + gathered + act + chunk}
+    chunk = t.loss_chunk_size * a.vocab_size * 4 * 3 + a.vocab_size * a.d_model * 4
+    train = state + gathered + act + chunk
+    build = 4 * n["total"]
+    return {"build": build, "state": state, "gathered_params": gathered, "activations": act, "loss": chunk,
+            "train": train, "total": max(build, train)}
 
 
 # ---- the forward that produces the losses ----
