@@ -18,24 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, _truncate, parse_record
+from .data import DataError, _truncate, parse_record, read_jsonl
 from .teacher import OnlineTeacher, load_teacher_model
 from .tokenizer import load_tokenizer
-
-
-def _input_records(path: Path) -> list[tuple[int, dict]]:
-    out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON (file {path}, line {line_no}): {e.msg} at column {e.colno}.") from None
-        if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
-            continue
-        out.append((line_no, rec))
-    return out
 
 
 def _completed(path: Path, header: dict) -> int:
@@ -72,7 +57,7 @@ def annotate(input_path, output_path, teacher_path, tokenizer_path, k: int = 64,
         raise DataError(f"annotate: --k {k} exceeds the vocabulary size {vocab}.")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     teacher = OnlineTeacher(load_teacher_model(teacher_path, dev, dtype), vocab)
-    records = _input_records(input_path)
+    records = read_jsonl(input_path)
     header = {"format": "kd-jsonl-v1", "k": k, "temperature": temperature, "teacher": str(Path(teacher_path).name)}
     done = _completed(output_path, header)
     todo = records[done:]

@@ -191,6 +191,36 @@ def parse_record(rec, tokenizer, vocab: int, path, line: int):
     return Sample(prompt_ids, response_ids, topk_ids, topk_lps, ref_ids), k, temp
 
 
+def read_jsonl(path: Path, digest=None) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a KD JSONL file, header skipped.
+
+    Lines split on "\\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
+    allows raw inside strings (any writer with ensure_ascii=False emits them). ``digest`` (a
+    hashlib object) is fed the file's bytes.
+    """
+    if not path.is_file():
+        raise DataError(f"data shard {path} does not exist (io.train_shards / io.val_shards).")
+    raw = path.read_bytes()
+    if digest is not None:
+        digest.update(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"file {path} is not UTF-8 ({e}).") from None
+    out = []
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON {_where(path, line_no)}: {e.msg} at column {e.colno}.") from None
+        if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
+            continue
+        out.append((line_no, rec))
+    return out
+
+
 def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset:
     """Read and validate every record of every shard before anything trains on them."""
     if not paths:
@@ -201,25 +231,7 @@ def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset
     temp_seen: tuple[float, str] | None = None
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"data shard {path} does not exist (io.train_shards / io.val_shards).")
-        raw = path.read_bytes()
-        h.update(raw)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"file {path} is not UTF-8 ({e}).") from None
-        # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
-        # allows raw inside strings (any writer with ensure_ascii=False emits them).
-        for line_no, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON {_where(path, line_no)}: {e.msg} at column {e.colno}.") from None
-            if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
-                continue
+        for line_no, rec in read_jsonl(path, h):
             sample, k, temp = parse_record(rec, tokenizer, vocab_size, path, line_no)
             if k:
                 if k_seen and k != k_seen[0]:
