@@ -156,10 +156,11 @@ def _section_cls(name: str):
 def _resolve_paths(section: str, key: str, value: Any, base: Path | None) -> Any:
     if base is None or (section, key) not in PATH_KEYS or value is None:
         return value
-    if isinstance(value, list):
-        return [str(base / os.path.expanduser(v)) if not os.path.isabs(os.path.expanduser(v)) else v for v in value]
-    v = os.path.expanduser(str(value))
-    return v if os.path.isabs(v) else str(base / v)
+    def resolve(v) -> str:
+        v = os.path.expanduser(str(v))
+        return v if os.path.isabs(v) else os.path.normpath(base / v)
+
+    return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
 
 def _merge_layer(merged: dict, sources: dict, layer: dict, origin: str, base: Path | None) -> None:
