@@ -36,3 +36,28 @@ def test_keeps_the_last_k_and_ignores_half_written(make_cfg):
     (Path(root) / ".tmp-step_00000005").mkdir()
     (Path(root) / ".tmp-step_00000005" / "model.safetensors").write_bytes(b"half")
     assert latest_checkpoint(root).name == "step_00000004"
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "dcp"])
+def test_export_gives_a_plain_hf_model_with_identical_logits(make_cfg, tmp_path, layout):
+    """Both checkpoint layouts (world size 1 and sharded DCP, written here by a single process)
+    export to a directory that plain transformers loads, with the trained logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdtrain.checkpoint import export_hf
+
+    trainer = Trainer(make_cfg("train.steps=2", "io.val_shards=[]"), log=False)
+    trainer.fit()
+    path = latest_checkpoint(trainer.ckpt_dir)
+    if layout == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        (path / "model.safetensors").unlink()
+        dcp.save({"model": trainer.student.state_dict()}, checkpoint_id=str(path / "dcp"))
+    out = export_hf(path, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert len(AutoTokenizer.from_pretrained(out, local_files_only=True)) == 32000
+    ids = trainer.micro_batches(64)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trainer.student(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -81,3 +81,29 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
         "trainer": torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True),
         "meta": json.loads((path / "meta.json").read_text()),
     }
+
+
+def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Write a consolidated Hugging Face model directory (safetensors + config + tokenizer) from a
+    checkpoint: a world-size-1 ``model.safetensors`` or a sharded ``dcp/`` from any world size."""
+    from .config import ConfigError, load_config
+    from .model import build_student
+    from .tokenizer import load_tokenizer
+
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    if not (ckpt / "meta.json").is_file():
+        raise ConfigError(f"{ckpt} is not a kdtrain checkpoint directory (no meta.json); pass checkpoints/step_…")
+    cfg, _ = load_config([ckpt / "config.yaml"])
+    cfg.init.weights = None  # the checkpoint's weights replace any initial ones
+    model = build_student(cfg)
+    if (ckpt / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = model.state_dict()  # loaded in place: these tensors are the parameters
+        dcp.load({"model": state}, checkpoint_id=str(ckpt / "dcp"))
+    else:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    model.set_attn_implementation("sdpa")  # loadable by plain transformers
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(cfg.io.tokenizer_path).save_pretrained(out_dir)
+    return out_dir

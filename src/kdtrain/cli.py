@@ -1,4 +1,4 @@
-"""Command line: ``kdtrain make-toy | smoke | train | info | annotate``."""
+"""Command line: ``kdtrain make-toy | smoke | train | info | export | annotate``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .checkpoint import export_hf
+
+    print(f"exported {export_hf(a.checkpoint, a.out_dir)}")
+    return 0
+
+
 def cmd_annotate(a) -> int:
     from .annotate import annotate
 
@@ -98,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("items", nargs="+", metavar="CONFIG|section.key=value")
     i.add_argument("--world-size", type=int, default=1)
     i.set_defaults(fn=cmd_info)
+
+    e = sub.add_parser("export", help="consolidated Hugging Face model (safetensors) from a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/toy/checkpoints/step_00000050")
+    e.add_argument("out_dir")
+    e.set_defaults(fn=cmd_export)
 
     n = sub.add_parser("annotate", help="run a local teacher over KD JSONL and store response_ids + teacher_topk")
     n.add_argument("input")
