@@ -37,7 +37,7 @@ SDPA = None  # set in main(): a context choosing the attention kernels
 def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     lines = []
-    for i in range(n):
+    for _ in range(n):
         resp = [rng.randrange(3, 32000) for _ in range(seq - 3)]
         ids, lps = [], []
         for tok in resp:

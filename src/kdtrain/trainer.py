@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, model_shape, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, model_shape, save_checkpoint
 from .config import Config, ConfigError, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
