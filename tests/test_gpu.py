@@ -131,6 +131,42 @@ def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path):
 
 
 @two_gpus
+@pytest.mark.parametrize("mode", ["cpu_offload", "online_teacher"])
+def test_fsdp2_variants_match(toy, tmp_path, mode):
+    """CPU-offloaded shards (AdamW on the CPU, gloo for the CPU collectives) give the same
+    losses as plain FSDP2; a sharded online teacher gives the same losses as one GPU."""
+    args = ["train.steps=3", "train.micro_batch_size=1", "train.grad_accum=2"]
+    if mode == "cpu_offload":
+        ref = _torchrun(2, toy, tmp_path / "ref", *args)
+        got = _torchrun(2, toy, tmp_path / "got", *args, "train.cpu_offload=true")
+    else:
+        online = ["kd.teacher=online", f"kd.teacher_path={toy['teacher']}"]
+        ref = _torchrun(1, toy, tmp_path / "ref", "train.steps=3", "train.micro_batch_size=2", "train.grad_accum=2",
+                        *online)
+        got = _torchrun(2, toy, tmp_path / "got", *args, *online)
+    for a, b in zip(ref, got, strict=True):
+        for key in ("total", "kl_div", "ce_teacher", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (mode, key)
+
+
+@two_gpus
+def test_export_from_a_sharded_checkpoint(toy, tmp_path):
+    """`kdtrain export` consolidates a DCP checkpoint written by 2 ranks into a plain HF model
+    with the same logits as the run's single-GPU twin."""
+    from transformers import AutoModelForCausalLM
+
+    from kdtrain.checkpoint import export_hf
+
+    _torchrun(2, toy, tmp_path / "two", "train.steps=2", "train.micro_batch_size=1", "train.grad_accum=2")
+    _torchrun(1, toy, tmp_path / "one", "train.steps=2", "train.micro_batch_size=2", "train.grad_accum=2")
+    two = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "two/checkpoints/step_00000002", tmp_path / "h2"))
+    one = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "one/checkpoints/step_00000002", tmp_path / "h1"))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(two(input_ids=ids).logits, one(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@two_gpus
 def test_more_ranks_than_gpus_fails_cleanly_on_every_rank(toy, tmp_path):
     n = torch.cuda.device_count() + 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "kdtrain",
