@@ -144,9 +144,11 @@ def test_fsdp2_variants_match(toy, tmp_path, mode):
         ref = _torchrun(1, toy, tmp_path / "ref", "train.steps=3", "train.micro_batch_size=2", "train.grad_accum=2",
                         *online)
         got = _torchrun(2, toy, tmp_path / "got", *args, *online)
+    # The online teacher runs in bf16, whose matmuls may round differently for other batch shapes.
+    rel = 1e-4 if mode == "cpu_offload" else 2e-3
     for a, b in zip(ref, got, strict=True):
         for key in ("total", "kl_div", "ce_teacher", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (mode, key)
+            assert a[key] == pytest.approx(b[key], rel=rel), (mode, key)
 
 
 @two_gpus
