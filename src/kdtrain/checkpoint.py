@@ -31,6 +31,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def model_shape(state: dict) -> dict:
+    """Parameter name -> full shape (a DTensor's .shape is its global shape)."""
     return {k: list(v.shape) for k, v in state.items()}
 
 

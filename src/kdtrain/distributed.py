@@ -112,11 +112,6 @@ def shard(model, teacher, state: DistState, cfg: Config):
     return model
 
 
-def full_shapes(student) -> dict:
-    """Unsharded parameter shapes (DTensor-aware), for comparing with a checkpoint."""
-    return {k: torch.empty(0).new_empty(v.shape, device="meta") for k, v in student.state_dict().items()}
-
-
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
@@ -153,7 +148,7 @@ def _save_dcp(trainer, trainer_state: dict, meta: dict) -> Path:
     if trainer.dist.rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
         save_config(trainer.cfg, tmp / "config.yaml")
-        shapes = model_shape(full_shapes(trainer.student))
+        shapes = model_shape(trainer.student.state_dict())  # DTensor shapes are global
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "model_shape": shapes}))
         if final.exists():
             shutil.rmtree(final)

@@ -249,7 +249,7 @@ class Trainer:
         if meta["dataset_fingerprint"] != self.train_data.fingerprint:
             raise TrainingError(f"cannot resume from {path}: it was trained on other data (dataset fingerprint "
                                 "differs). Restore the original io.train_shards or start a new io.output_dir.")
-        shape = model_shape(dist_utils.full_shapes(self.student))
+        shape = model_shape(self.student.state_dict())  # unsharded shapes, also for DTensors
         if meta["model_shape"] != shape:
             diff = next(k for k in sorted(set(shape) | set(meta["model_shape"]))
                         if shape.get(k) != meta["model_shape"].get(k))
