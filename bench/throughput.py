@@ -1,6 +1,6 @@
 """Training throughput of `kdtrain train` vs the naive HF-style KD step (DESIGN.md), one GPU.
 
-    python bench/throughput.py [--seqs 2048 4096] [--steps 8] [--online] [--naive]
+    python bench/throughput.py [--seqs 2048 4096] [--steps 8] [--online] [--naive] [--grad-accum N]
 
 Student: a 1.1B Llama (d_model 2048, 22 layers, 32 heads, 4 KV heads, d_ff 5632, vocab 32000).
 Data: synthetic KD JSONL (random response tokens, a normalised random top-64 per position),
@@ -8,7 +8,8 @@ written to a temporary directory and read by the real data pipeline. The kdtrain
 real `Trainer` (bf16, chunked loss, torch.compile); the naive baseline is an HF forward with
 full logits, fp32 log-softmax and a gather, eager and compiled. `--online` adds the online
 1.1B-teacher mode and its naive counterpart (full-vocabulary KL). Prints tokens/s per GPU, MFU
-(DESIGN.md formula, peak 989 TFLOP/s) and peak memory.
+(DESIGN.md formula, peak 989 TFLOP/s) and peak memory. ``--grad-accum N`` makes one optimizer
+step cover N micro-batches, for kdtrain and the naive step alike.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ARCH = {"d_model": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "d_head
 BATCH = {2048: 8, 4096: 4}
 K = 64
 PROFILE = False
+ACCUM = 1
 SDPA = None  # set in main(): a context choosing the attention kernels
 
 
@@ -79,11 +81,11 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
     B = BATCH[seq]
     data = tmp / f"data{seq}.jsonl"
     if not data.exists():
-        synthetic_dataset(data, B * 2, seq)
+        synthetic_dataset(data, B * 2 * ACCUM, seq)
     overrides = [f"arch.{k}={v}" for k, v in ARCH.items()] + [
         f"io.tokenizer_path={tmp / 'tok'}", f"io.train_shards=[{data}]", "io.val_shards=[]",
         f"io.output_dir={tmp / 'run'}", f"train.seq_lengths=[{seq}]", f"train.micro_batch_size={B}",
-        "train.grad_accum=1", "train.precision=bf16", "train.compile=true", "train.device=cuda",
+        f"train.grad_accum={ACCUM}", "train.precision=bf16", "train.compile=true", "train.device=cuda",
         f"train.steps={steps + 3}", "distillation.ce_ground_truth_weight=0", "tracing.console_log=false",
         "train.loss_chunk_size=4096", *extra]
     if teacher_dir:
@@ -109,8 +111,8 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
             trainer.train_step(batches)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}"
-    r = report(name, B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
+    name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}" + (f" x{ACCUM} accum" if ACCUM > 1 else "")
+    r = report(name, ACCUM * B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
     if teacher_dir:
         sys_flops = f_tok(ARCH, seq) + 2 * teacher_params() + 4 * ARCH["n_layers"] * ARCH["d_model"] * seq
         print(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")
@@ -149,43 +151,46 @@ def bench_naive(seq: int, steps: int, compiled: bool, online: bool, teacher=None
     for i in range(steps + 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = fwd(input_ids=ids).logits
-            logp = torch.log_softmax(logits.float(), -1)
-            if online:
-                with torch.no_grad():
-                    t_logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
-                kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
-            else:
-                kl = (top_lp.exp() * (top_lp - logp.gather(-1, top_ids))).sum(-1).mean()
-            ce = torch.nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
-            loss = kl + 0.5 * ce
-        loss.backward()
+        for _ in range(ACCUM):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = fwd(input_ids=ids).logits
+                logp = torch.log_softmax(logits.float(), -1)
+                if online:
+                    with torch.no_grad():
+                        t_logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                    kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+                else:
+                    kl = (top_lp.exp() * (top_lp - logp.gather(-1, top_ids))).sum(-1).mean()
+                ce = torch.nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
+                loss = (kl + 0.5 * ce) / ACCUM
+            loss.backward()
+            del logits, logp, loss
         opt.step()
         opt.zero_grad(set_to_none=True)
-        del logits, logp, loss
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    name = f"naive {'online' if online else 'top-64'}{' compiled' if compiled else ''} seq {seq} x{B}"
-    r = report(name, B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
+    name = f"naive {'online' if online else 'top-64'}{' compiled' if compiled else ''} seq {seq} x{B}" + (
+        f" x{ACCUM} accum" if ACCUM > 1 else "")
+    r = report(name, ACCUM * B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
     del model, opt, fwd
     return r
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--seqs", type=int, nargs="*", default=[2048, 4096], help="none: only --online")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--online", action="store_true", help="also the online-teacher mode (seq 2048)")
     p.add_argument("--naive", action="store_true", help="also the naive baselines")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one kdtrain step")
     p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient"],
                    help="attention kernels for the kdtrain step (default: PyTorch's choice)")
     a = p.parse_args()
-    global PROFILE, SDPA
-    PROFILE = a.profile
+    global PROFILE, SDPA, ACCUM
+    PROFILE, ACCUM = a.profile, a.grad_accum
     import contextlib
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -109,23 +109,44 @@ def dying_save_file(tensors, path):
     real(tensors, path)
 ck.save_file = dying_save_file
 cfg, _ = load_config([sys.argv[1]], sys.argv[2:])
-Trainer(cfg, log=False).fit()
+Trainer(cfg).fit()
 """
 
 
 def test_killed_during_checkpoint_write_resumes_from_previous(toy, tmp_path, make_cfg):
     out = tmp_path / "killed"
-    args = [f"io.output_dir={out}", "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0"]
+    args = [f"io.output_dir={out}", "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0",
+            "tracing.console_log=false"]
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(toy["config"]), *args], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
     ckdir = out / "checkpoints"
     assert (ckdir / "step_00000003" / "meta.json").is_file()
     assert (ckdir / ".tmp-step_00000006").is_dir() and not (ckdir / "step_00000006").exists()
-    resumed = Trainer(make_cfg(*args), resume=True, log=False)
+    logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 6 was logged, then its checkpoint write died
+    resumed = Trainer(make_cfg(*args), resume=True)
     assert resumed.step == 3
     rows = resumed.fit()
     assert [r["step"] for r in rows] == [4, 5, 6]
     assert (ckdir / "step_00000006" / "model.safetensors").is_file()
+    # The rows of the steps trained again replace the old ones: one row per step.
+    logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["total"] for r in logged[3:]] == [r["total"] for r in rows]
+
+
+def test_checkpoint_larger_than_free_disk_is_refused_before_writing(make_cfg, tmp_path, monkeypatch):
+    import shutil
+
+    from kdtrain import distributed
+    from kdtrain.checkpoint import CheckpointError
+
+    trainer = Trainer(make_cfg("train.steps=1", f"io.output_dir={tmp_path / 'full'}"), log=False)
+    real = shutil.disk_usage
+    monkeypatch.setattr(distributed.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 1 needs .* GB but .* has 0\.0 GB free"):
+        trainer.fit()
+    assert list((tmp_path / "full" / "checkpoints").iterdir()) == []  # nothing half-written
 
 
 def test_metrics_jsonl_tensorboard_and_plot(make_cfg):

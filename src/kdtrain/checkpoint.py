@@ -22,6 +22,10 @@ from .config import Config, save_config
 PREFIX, TMP = "step_", ".tmp-"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says why and what to change."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

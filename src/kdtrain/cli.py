@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .trainer import TrainingError
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, TrainingError) as e:
+    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
         print(f"kdtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def setup(cfg: Config) -> DistState:
                           f"launch with --nproc-per-node {n_gpu} or fewer.")
     if not dist.is_nccl_available():
         raise ConfigError(f"rank {rank}: NCCL is not available in this torch build; install a CUDA build of torch.")
+    if torch.get_num_threads() == 1:
+        # torchrun sets OMP_NUM_THREADS=1 for every rank; the CPU builds the student and, with
+        # cpu_offload, runs the optimizer step and the grad norm: give each rank its share of the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     torch.cuda.set_device(local)
     device = torch.device("cuda", local)
     if not dist.is_initialized():
@@ -116,33 +121,62 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def _local_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        t = state.to_local() if hasattr(state, "to_local") else state
+        return t.numel() * t.element_size()
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    return 0
+
+
+def check_disk_space(trainer, states: list) -> None:
+    """Refuse a checkpoint the disk cannot hold, on every rank, before a byte is written."""
+    from .checkpoint import CheckpointError
+
+    need = torch.tensor([float(sum(_local_bytes(s) for s in states))], dtype=torch.float64, device=trainer.device)
+    trainer.dist.all_reduce_sum(need)
+    root = trainer.ckpt_dir
+    root.mkdir(parents=True, exist_ok=True)
+    free = torch.tensor([float(shutil.disk_usage(root).free)], dtype=torch.float64, device=trainer.device)
+    if trainer.dist.enabled:
+        dist.broadcast(free, 0)
+    need_gb, free_gb = need.item() / 1e9, free.item() / 1e9
+    if need.item() * 1.01 + 2**26 > free.item():
+        raise CheckpointError(f"checkpoint of step {trainer.step} needs {need_gb:.1f} GB but {root} has "
+                              f"{free_gb:.1f} GB free; nothing was written. Free disk space, point io.output_dir "
+                              "at a larger disk, or lower train.keep_checkpoints.")
+
+
 def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     cfg = trainer.cfg
     if not trainer.dist.enabled:
         model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+        check_disk_space(trainer, [model_sd, optim_sd])
         return save_fn(trainer.ckpt_dir, trainer.step, model_sd, optim_sd, trainer_state, cfg, meta,
                        cfg.train.keep_checkpoints)
     return _save_dcp(trainer, trainer_state, meta)
 
 
 def _save_dcp(trainer, trainer_state: dict, meta: dict) -> Path:
-    import shutil
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from .checkpoint import PREFIX, TMP, list_checkpoints, model_shape
     from .config import save_config
 
+    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+    check_disk_space(trainer, [model_sd, optim_sd])
     root, step = trainer.ckpt_dir, trainer.step
     final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP}{PREFIX}{step:08d}"
     if trainer.dist.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     dist.barrier()
     if trainer.dist.rank == 0:

@@ -11,6 +11,21 @@ from pathlib import Path
 from .config import Config
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of steps <= ``step`` (rewritten atomically); a torn last line is dropped too."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
 class Metrics:
     def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True):
         t = cfg.tracing
@@ -26,11 +41,14 @@ class Metrics:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if t.json_log:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            if path.exists():  # a resume: steps after the checkpoint are trained again, drop their rows
+                _truncate_after(path, start_step)
+            self.jsonl = open(path, "a", encoding="utf-8")
         if t.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if t.use_wandb:
             import wandb
 

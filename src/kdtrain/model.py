@@ -79,9 +79,10 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                                      attn_implementation=register_causal_attention())
         return model.to(device)
+    # Built on the CPU and then moved: the same seed gives the same student on every device and
+    # world size (a GPU's generator would give other numbers).
     torch.manual_seed(cfg.init.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
+    model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
     if cfg.init.weights:
         state = load_state_dict(cfg.init.weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -89,7 +90,7 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
             raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
                               f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}; "
                               "check that arch matches the checkpoint.")
-    return model
+    return model.to(device)
 
 
 # ---- size and cost accounting (DESIGN.md, "Throughput accounting") ----
@@ -111,10 +112,12 @@ def flops_per_token(arch: ArchConfig, seq_len: int) -> float:
 def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     """Peak bytes per GPU: the larger of building the model and training it.
 
-    Build: the student is created unsharded in fp32 on every GPU (4 B/param) before it is
-    sharded. Training: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8) = 16 B/param
-    sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``), one bf16 layer being
-    gathered (x2 for prefetch) plus the gathered root (embedding + head) when sharded;
+    Build: the student is created in fp32 on the CPU. One GPU receives all of it (4 B/param);
+    sharded, FSDP2 moves one decoder layer at a time to the GPU and shards it, then the root
+    (embedding + head). Training: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8)
+    = 16 B/param sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``), one bf16
+    layer being gathered (x2 for prefetch) plus the gathered root (embedding + head) when
+    sharded, and one layer's unsharded gradient (bf16, plus its fp32 copy for the reduce-scatter);
     activations (with checkpointing: each layer's bf16 input plus one layer's working set); the
     loss chunk (logits, their gradient and fp32 intermediates) and the head's weight gradient.
     """
@@ -123,7 +126,9 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     S = max(t.seq_lengths)
     tokens = t.micro_batch_size * S
     state = 0 if t.cpu_offload else 16 * n["total"] / world_size  # offloaded: in CPU memory
-    gathered = 2 * 2 * n["per_layer"] + (2 * 2 * a.vocab_size * a.d_model if world_size > 1 else 0)
+    gathered = 2 * 2 * n["per_layer"]
+    if world_size > 1:
+        gathered += 2 * 2 * a.vocab_size * a.d_model + (2 + 4) * n["per_layer"]
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
     if t.grad_checkpointing:
         act = a.n_layers * tokens * a.d_model * 2 + per_layer_act
@@ -131,7 +136,7 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
         act = a.n_layers * per_layer_act
     chunk = t.loss_chunk_size * a.vocab_size * 4 * 3 + a.vocab_size * a.d_model * 4
     train = state + gathered + act + chunk
-    build = 4 * n["total"]
+    build = 4 * n["total"] if world_size == 1 else 4 * (n["per_layer"] + 2 * a.vocab_size * a.d_model)
     return {"build": build, "state": state, "gathered_params": gathered, "activations": act, "loss": chunk,
             "train": train, "total": max(build, train)}
 

@@ -88,7 +88,9 @@ class Trainer:
         self.val_data = load_dataset(cfg.io.val_shards, self.tokenizer, vocab) if cfg.io.val_shards else None
         self._check_signals(self.train_data)
 
-        self.student = build_student(cfg, self.device)
+        # Sharded runs build on the CPU: FSDP2 moves one layer at a time to the GPU as it shards it,
+        # so no GPU ever holds the whole model.
+        self.student = build_student(cfg, "cpu" if self.dist.enabled else self.device)
         if self.student.get_output_embeddings().weight.shape[0] != vocab:
             raise ConfigError(f"the student's vocabulary ({self.student.get_output_embeddings().weight.shape[0]}) "
                               f"differs from the tokenizer's size ({vocab}) at {cfg.io.tokenizer_path}.")
@@ -102,10 +104,10 @@ class Trainer:
         self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
         if t.compile:
             self.student.model.compile()
-        fused = self.device.type == "cuda" and not t.cpu_offload  # offloaded state steps on the CPU
         o = cfg.optimizer
+        # The fused kernel runs on CUDA and on the CPU (offloaded shards): 12x the per-tensor loop there.
         self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=lr_at(cfg, 0),
-                                           betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+                                           betas=tuple(o.betas), eps=o.eps, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.sampler = Sampler(len(self.train_data), t.seed)
         self.step = 0
@@ -296,10 +298,10 @@ class Trainer:
                 last = self.step == stop
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                     row.update(self.evaluate())
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
-                    self.save()
                 self.metrics.log(row)
                 rows.append(row)
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+                    self.save()
         finally:
             self.metrics.close()
         return rows
