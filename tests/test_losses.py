@@ -576,6 +576,24 @@ def test_chunked_kd_loss_equals_plain_fp32(teacher, kind, beta, chunk):
     torch.testing.assert_close(gwb, gwa, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 4, N_KD + 5])
+@pytest.mark.parametrize("teacher", ["sparse", "dense"])
+def test_static_shape_padding_equals_plain(teacher, chunk, monkeypatch):
+    """The path that CUDA compiles (compile=True) pads a short last chunk to the static chunk
+    size; run it eagerly here: the pad rows must change nothing, for a stored or online teacher."""
+    import kdtrain.losses as losses
+
+    monkeypatch.setitem(losses._COMPILED, "fn", losses._objective)
+    hidden, weight, tgt, extra = make_kd_problem(N=N_KD, teacher=teacher, Tc=2.0)
+    a, gha, gwa = run_kd(hidden, weight, tgt, extra, None)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = kd_loss(h, w, tgt, WEIGHTS, 1.5, "jsd", 0.3, chunk_size=chunk, compile=True, **extra)
+    b["total"].backward()
+    for c in a:
+        torch.testing.assert_close(b[c], a[c], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((h.grad, w.grad), (gha, gwa), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.smoke
 def test_chunked_kd_loss_equals_plain_smoke():
     hidden, weight, tgt, extra = make_kd_problem(N=N_KD, teacher="sparse", Tc=2.0)

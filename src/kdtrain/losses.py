@@ -244,9 +244,7 @@ class _ChunkedKD(torch.autograd.Function):
             t_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
-                    t_logits = teacher_hidden[sl] @ teacher_weight.t()
-                if pad:
-                    t_logits = torch.cat([t_logits, t_logits.new_zeros(pad, t_logits.shape[1])])
+                    t_logits = teacher_hidden[sl] @ teacher_weight.t()  # padded in _chunk_args
             if pad:
                 logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
             logits = logits.detach().requires_grad_(need_h or need_w)
