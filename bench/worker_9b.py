@@ -62,17 +62,26 @@ def main() -> None:
         subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
         return time.perf_counter() - t0
 
+    import shutil
+
+    ckdir = out / "run" / "checkpoints"
+    print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
     try:
         wall = launch(a.steps, resume=False)
-        print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, data, checkpoint)")
+        size = sum(f.stat().st_size for f in ckdir.rglob("*") if f.is_file())
+        print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, build, data, checkpoint); "
+              f"checkpoint {size / 1e9:.1f} GB: {[p.name for p in sorted(ckdir.glob('step_*'))]}", flush=True)
         if not a.no_resume:
-            launch(a.steps + 1, resume=True)
+            # With one 9B checkpoint on a 128 GB disk, the resumed run's own checkpoint is refused
+            # (kdtrain checks the free space before writing); the resumed step is logged first.
+            wall = launch(a.steps + 1, resume=True)
+            print(f"resumed run: 1 step in {wall:.0f} s (incl. start-up, build, load, checkpoint)")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"launch failed or timed out: {e}")
     finally:
         metrics = out / "run" / "metrics.jsonl"
         rows2 = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
-        print(f"checkpoints: {[p.name for p in sorted((out / 'run' / 'checkpoints').glob('step_*'))]}")
+        print(f"checkpoints: {[p.name for p in sorted(ckdir.glob('step_*'))]}")
     f_tok = flops_per_token(cfg.arch, a.seq)
     for r in rows2:
         tps = r["tokens_per_s_per_gpu"]

@@ -165,13 +165,17 @@ class Trainer:
             with self._autocast():
                 out = self.model(b, counts, self.teacher)
             loss = out["total"]
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; the optimizer did "
-                                    "not step. Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.stack([out[c].detach().float() for c in COMPONENTS])
-        return self.dist.all_reduce_sum(sums)
+        sums = self.dist.all_reduce_sum(sums)
+        # One check per step, after the all-reduce: every rank sees the same sums (a NaN on any
+        # rank spreads to all), so all ranks stop together, and the GPU never waits mid-step.
+        if not bool(torch.isfinite(sums).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = ", ".join(f"{c} {v}" for c, v in zip(COMPONENTS, sums.tolist()))
+            raise TrainingError(f"non-finite loss ({bad}) at step {self.step + 1}; the optimizer did not step. "
+                                "Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
+        return sums
 
     def optimizer_step(self) -> float:
         """Unscale (fp16), clip, step, zero the gradients, set the next step's learning rate."""
