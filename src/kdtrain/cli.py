@@ -58,9 +58,10 @@ def cmd_info(a) -> int:
     for S in cfg.train.seq_lengths:
         print(f"FLOPs per token  {flops_per_token(cfg.arch, S):.4g} at seq {S} (6 N_matmul + 12 L d S)")
     mem = memory_estimate(cfg, a.world_size)
-    parts = ", ".join(f"{k} {mem[k] / 2**30:.2f}" for k in ("state", "gathered_params", "activations", "loss"))
+    parts = ", ".join(f"{k} {mem[k] / 2**30:.2f}" for k in ("state", "activations", "root", "loss"))
     print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB peak at world size {a.world_size}: building the model "
-          f"{mem['build'] / 2**30:.2f}, training {mem['train'] / 2**30:.2f} ({parts} GiB)")
+          f"{mem['build'] / 2**30:.2f}, end of forward {mem['forward_end'] / 2**30:.2f}, backward "
+          f"{mem['backward'] / 2**30:.2f} (of which {parts} GiB)")
     return 0
 
 

@@ -79,10 +79,15 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                                      attn_implementation=register_causal_attention())
         return model.to(device)
+    from transformers.initialization import no_init_weights
+
     # Built on the CPU and then moved: the same seed gives the same student on every device and
-    # world size (a GPU's generator would give other numbers).
+    # world size (a GPU's generator would give other numbers). torch's default init of each
+    # layer is skipped (Hugging Face's init overwrites it; it was 70% of a 9B build).
     torch.manual_seed(cfg.init.seed)
-    model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
+    with no_init_weights():
+        model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
+    model.init_weights()
     if cfg.init.weights:
         state = load_state_dict(cfg.init.weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -109,36 +114,53 @@ def flops_per_token(arch: ArchConfig, seq_len: int) -> float:
     return 6 * param_counts(arch)["matmul"] + 12 * arch.n_layers * arch.d_model * seq_len
 
 
-def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
-    """Peak bytes per GPU: the larger of building the model and training it.
+LOSS_BYTES_PER_LOGIT = 16  # live bytes per chunk logit in the chunked loss: 15-17 measured eager bf16
+# (CPU, bf16 logits, their gradient and fp32 intermediates); 10 compiled on an H100 (bench/loss_memory.py).
 
-    Build: the student is created in fp32 on the CPU. One GPU receives all of it (4 B/param);
-    sharded, FSDP2 moves one decoder layer at a time to the GPU and shards it, then the root
-    (embedding + head). Training: fp32 master weights (4) + fp32 grads (4) + AdamW moments (8)
-    = 16 B/param sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``), one bf16
-    layer being gathered (x2 for prefetch) plus the gathered root (embedding + head) when
-    sharded, and one layer's unsharded gradient (bf16, plus its fp32 copy for the reduce-scatter);
-    activations (with checkpointing: each layer's bf16 input plus one layer's working set); the
-    loss chunk (logits, their gradient and fp32 intermediates) and the head's weight gradient.
+
+def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
+    """Peak bytes per GPU: the largest of three moments of a step.
+
+    - ``build``: the student is created in fp32 on the CPU. One GPU receives all of it
+      (4 B/param); sharded, FSDP2 moves one decoder layer at a time to the GPU and shards it,
+      then the root (embedding + head).
+    - ``forward_end``: the chunked loss runs on top of everything the backward will need.
+    - ``backward``: one decoder layer's backward, recomputing its forward under checkpointing.
+
+    Resident during the step: the training state, 16 B/param (fp32 weights, grads and both AdamW
+    moments) sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
+    activations (with checkpointing each layer's bf16 input, else every layer's working set);
+    sharded, also the root (embedding + head) gathered in bf16 and the head's bf16 gradient, both
+    held until the end of the backward. On one GPU with bf16/fp16 autocast, the cached low-precision
+    copies of the weights (2 B/param) live through the forward. The loss adds its chunk
+    (``LOSS_BYTES_PER_LOGIT`` per logit) and the hidden-state gradient; the backward adds one
+    layer's working set (when recomputed), two gathered bf16 layers (current + prefetched) and
+    one layer's unsharded gradient with its fp32 copy for the reduce-scatter (2 + 4 B/param).
+    Checked against two H200s (bench/worker_9b.py): see tests/test_model.py.
     """
     a, t = cfg.arch, cfg.train
     n = param_counts(a)
     S = max(t.seq_lengths)
     tokens = t.micro_batch_size * S
-    state = 0 if t.cpu_offload else 16 * n["total"] / world_size  # offloaded: in CPU memory
-    gathered = 2 * 2 * n["per_layer"]
-    if world_size > 1:
-        gathered += 2 * 2 * a.vocab_size * a.d_model + (2 + 4) * n["per_layer"]
+    sharded = world_size > 1
+    Vd = a.vocab_size * a.d_model
+    state = 0 if t.cpu_offload else 16 * n["total"] / world_size
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
-    if t.grad_checkpointing:
-        act = a.n_layers * tokens * a.d_model * 2 + per_layer_act
+    kept = a.n_layers * tokens * a.d_model * 2 if t.grad_checkpointing else a.n_layers * per_layer_act
+    if sharded:
+        root = 2 * 2 * Vd + 2 * Vd  # gathered bf16 embedding + head, the head's bf16 gradient
     else:
-        act = a.n_layers * per_layer_act
-    chunk = t.loss_chunk_size * a.vocab_size * 4 * 3 + a.vocab_size * a.d_model * 4
-    train = state + gathered + act + chunk
-    build = 4 * n["total"] if world_size == 1 else 4 * (n["per_layer"] + 2 * a.vocab_size * a.d_model)
-    return {"build": build, "state": state, "gathered_params": gathered, "activations": act, "loss": chunk,
-            "train": train, "total": max(build, train)}
+        root = 2 * n["matmul"] if t.precision != "fp32" else 0  # autocast's weight cache
+    loss = t.loss_chunk_size * a.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * a.d_model * 4
+    recompute = per_layer_act if t.grad_checkpointing else 0
+    last_layer = 2 * n["per_layer"] if sharded else 0  # kept gathered for the backward
+    layer_bwd = (2 * 2 + 2 + 4) * n["per_layer"] if sharded else 0
+    forward_end = state + kept + root + last_layer + loss
+    backward = state + kept + (root if sharded else 0) + recompute + layer_bwd
+    build = 4 * n["total"] if not sharded else 4 * (n["per_layer"] + 2 * Vd)
+    return {"build": build, "state": state, "activations": kept, "root": root, "loss": loss,
+            "forward_end": forward_end, "backward": backward, "train": max(forward_end, backward),
+            "total": max(build, forward_end, backward)}
 
 
 # ---- the forward that produces the losses ----
