@@ -140,3 +140,21 @@ def test_memory_estimate_terms():
     assert abs(mem["total"] / 2**30 - measured) / measured < 0.15
     cfg.train.cpu_offload = False
     assert memory_estimate(cfg, 2)["state"] == 16 * n / 2
+
+
+def test_memory_warning_names_the_keys_that_help():
+    from pathlib import Path
+
+    from kdtrain.model import memory_estimate, memory_warning
+
+    cfg, _ = load_config([Path(__file__).parents[1] / "configs" / "worker_9b.yaml"],
+                         ["train.seq_lengths=[4096]", "curriculum.schedule=[]"])
+    h100 = 79 * 2**30
+    need = memory_estimate(cfg, 2)["total"]
+    assert need < h100 < need + 16 * 2**30  # 72.3 GiB: fits, barely
+    assert memory_warning(cfg, 2, h100) is None
+    msg = memory_warning(cfg, 1, h100)  # 9B on one GPU: 16 B/param does not fit
+    assert "GiB per GPU at world size 1" in msg and "train.cpu_offload=true" in msg
+    assert "grad_checkpointing" not in msg  # already on
+    cfg.train.cpu_offload = True
+    assert memory_warning(cfg, 2, h100) is None

@@ -163,6 +163,23 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
             "total": max(build, forward_end, backward)}
 
 
+def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
+    """A warning when ``memory_estimate`` exceeds the GPU's memory, naming the keys that help."""
+    need = memory_estimate(cfg, world_size)
+    if need["total"] <= gpu_bytes:
+        return None
+    hints = []
+    if not cfg.train.cpu_offload and need["state"] > 0.25 * gpu_bytes:
+        hints.append(f"train.cpu_offload=true (the sharded training state is {need['state'] / 2**30:.1f} GiB)")
+    if not cfg.train.grad_checkpointing:
+        hints.append("train.grad_checkpointing=true")
+    if cfg.train.micro_batch_size > 1:
+        hints.append("a smaller train.micro_batch_size with a larger train.grad_accum")
+    hints.append("more GPUs")
+    return (f"kdtrain info predicts {need['total'] / 2**30:.1f} GiB per GPU at world size {world_size}, more than "
+            f"this GPU's {gpu_bytes / 2**30:.1f} GiB; if it runs out of memory, try " + ", or ".join(hints) + ".")
+
+
 # ---- the forward that produces the losses ----
 
 def step_counts(batches: list[dict]) -> dict:

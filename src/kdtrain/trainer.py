@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .config import Config, ConfigError, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics
-from .model import Distiller, build_student, step_counts
+from .model import Distiller, build_student, memory_warning, step_counts
 from .teacher import OnlineTeacher, load_teacher_model
 from .tokenizer import load_tokenizer
 
@@ -102,6 +103,10 @@ class Trainer:
             self.teacher = OnlineTeacher(load_teacher_model(cfg.kd.teacher_path, self.device, dtype), vocab)
         self.model = Distiller(self.student, cfg, self.train_data.topk_temperature)
         self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
+        if self.device.type == "cuda" and self.dist.rank == 0:
+            warning = memory_warning(cfg, self.dist.world_size, torch.cuda.get_device_properties(self.device).total_memory)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         if t.compile:
             self.student.model.compile()
         o = cfg.optimizer
