@@ -158,3 +158,52 @@ def test_memory_warning_names_the_keys_that_help():
     assert "grad_checkpointing" not in msg  # already on
     cfg.train.cpu_offload = True
     assert memory_warning(cfg, 2, h100) is None
+
+
+def _seeded(seed=0, threads=None, **arch):
+    cfg, _ = load_config([], [f"arch.{k}={v}" for k, v in {**SMALL, **arch}.items()] + [f"init.seed={seed}"])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        return build_student(cfg)
+    finally:
+        torch.set_num_threads(old)
+
+
+SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_head": 16, "d_ff": 256, "vocab_size": 5000}
+
+
+def test_seeded_init_has_hugging_faces_structure_and_scale():
+    """The reference is Hugging Face's own init of the same config: norms at 1, the padding row
+    of the embedding zero, every other weight N(0, 0.02); the parallel init must agree."""
+    from transformers import LlamaForCausalLM
+
+    cfg, _ = load_config([], [f"arch.{k}={v}" for k, v in SMALL.items()])
+    torch.manual_seed(0)
+    ref = dict(LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std)).named_parameters())
+    ours = dict(_seeded().named_parameters())
+    assert ours.keys() == ref.keys()
+    for name, r in ref.items():
+        o = ours[name].detach()
+        assert o.shape == r.shape, name
+        if "norm" in name:
+            assert torch.equal(o, r.detach()) and bool((o == 1).all()), name
+            continue
+        rows = torch.ones(o.shape[0], dtype=torch.bool)
+        zero_rows = (r.detach() == 0).all(-1)
+        assert torch.equal((o == 0).all(-1), zero_rows), name  # the padding row, and only it
+        rows &= ~zero_rows
+        assert abs(float(o[rows].std()) - 0.02) < 0.002 and abs(float(o[rows].mean())) < 0.002, name
+        assert abs(float(o[rows].std()) - float(r.detach()[rows].std())) < 0.002, name
+
+
+def test_seeded_init_is_reproducible_for_any_thread_count_and_depends_on_the_seed():
+    a, b, c = _seeded(threads=1), _seeded(threads=2), _seeded(seed=1)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if "norm" not in name:
+            assert not torch.equal(pa, pc), name
+    # Seeded by parameter name: a deeper model starts with the same first layers.
+    deep = dict(_seeded(n_layers=3).named_parameters())
+    for name, p in a.named_parameters():
+        assert torch.equal(p, deep[name]), name

@@ -68,6 +68,44 @@ def load_state_dict(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+INIT_BLOCK = 1 << 22  # elements drawn from one generator
+
+
+def seeded_init(model: nn.Module, seed: int, std: float) -> None:
+    """Hugging Face's Llama init, drawn in parallel and reproducibly: every Linear and Embedding
+    weight ~ N(0, std), zero biases and embedding padding row, norms at 1.
+
+    Each block of ``INIT_BLOCK`` elements of a weight has its own CPU generator, seeded from
+    (seed, parameter name, block): the same weights for any thread count, device or world size
+    (the student is built on the CPU and then moved or sharded), and a 9B init uses every core
+    (torch draws one tensor serially: 90 s for 9B on one core).
+    """
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fill(name: str, flat: torch.Tensor, block: int) -> None:
+        key = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        flat[block * INIT_BLOCK: (block + 1) * INIT_BLOCK].normal_(0.0, std, generator=g)
+
+    jobs, names = [], {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = module.weight
+                flat = w.detach().view(-1)
+                jobs += [(names[id(w)], flat, b) for b in range(-(-flat.numel() // INIT_BLOCK))]
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif "norm" in type(module).__name__.lower() and hasattr(module, "weight"):
+                module.weight.fill_(1.0)
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(lambda job: fill(*job), jobs))  # normal_ releases the GIL
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
 def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -81,13 +119,10 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         return model.to(device)
     from transformers.initialization import no_init_weights
 
-    # Built on the CPU and then moved: the same seed gives the same student on every device and
-    # world size (a GPU's generator would give other numbers). torch's default init of each
-    # layer is skipped (Hugging Face's init overwrites it; it was 70% of a 9B build).
-    torch.manual_seed(cfg.init.seed)
-    with no_init_weights():
+    with no_init_weights():  # uninitialised storage: filled below, or by init.weights
         model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
-    model.init_weights()
+    if not cfg.init.weights:
+        seeded_init(model, cfg.init.seed, cfg.init.std)
     if cfg.init.weights:
         state = load_state_dict(cfg.init.weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
