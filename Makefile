@@ -3,8 +3,9 @@ TOY_DIR ?= toy
 
 .PHONY: toy-training smoke_training test bench
 
-# Build the toy artifacts and distill the toy student (offline, CPU, seconds).
+# Build the toy artifacts and distill the toy student afresh (offline, CPU, seconds).
 toy-training:
+	rm -rf runs/toy
 	$(PYTHON) -m kdtrain make-toy --out-dir $(TOY_DIR)
 	$(PYTHON) -m kdtrain train configs/toy.yaml
 

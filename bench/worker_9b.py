@@ -65,6 +65,7 @@ def main() -> None:
     import shutil
 
     ckdir = out / "run" / "checkpoints"
+    shutil.rmtree(out / "run", ignore_errors=True)  # each bench run starts a new training run
     print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
     try:
         wall = launch(a.steps, resume=False)

@@ -254,6 +254,13 @@ def test_bad_setup_is_refused_before_training(case, toy, tmp_path, make_cfg):
         Trainer(make_cfg(*overrides), log=False, **kwargs)
 
 
+def test_fresh_run_into_a_directory_with_checkpoints_is_refused(make_cfg):
+    Trainer(make_cfg("train.steps=1"), log=False).fit()
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(latest step_00000001\); pass --resume"):
+        Trainer(make_cfg("train.steps=2"), log=False)
+    assert Trainer(make_cfg("train.steps=2"), resume=True, log=False).step == 1
+
+
 def test_old_format_trains_with_ce_only(toy, tmp_path, make_cfg):
     old = _no_topk_dataset(toy, tmp_path)
     rows = Trainer(make_cfg(f"io.train_shards=[{old}]", "io.val_shards=[]", "distillation.kl_weight=0",

@@ -80,8 +80,12 @@ class Trainer:
         check_paths(cfg)
         self.run_dir = Path(cfg.io.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if resume and latest_checkpoint(self.ckpt_dir) is None:
+        latest = latest_checkpoint(self.ckpt_dir)
+        if resume and latest is None:
             raise ConfigError(f"--resume: no checkpoint under {self.ckpt_dir}; run without --resume to start fresh.")
+        if not resume and latest is not None:  # a fresh run would interleave its checkpoints with these
+            raise ConfigError(f"io.output_dir {self.run_dir} already holds checkpoints (latest {latest.name}); pass "
+                              "--resume to continue that run, or choose a new io.output_dir to start another.")
 
         self.tokenizer = load_tokenizer(cfg.io.tokenizer_path, cfg.arch.vocab_size if not cfg.init.base_checkpoint else None)
         vocab = len(self.tokenizer)
