@@ -75,8 +75,12 @@ def main() -> None:
         if not a.no_resume:
             # With one 9B checkpoint on a 128 GB disk, the resumed run's own checkpoint is refused
             # (kdtrain checks the free space before writing); the resumed step is logged first.
-            wall = launch(a.steps + 1, resume=True)
-            print(f"resumed run: 1 step in {wall:.0f} s (incl. start-up, build, load, checkpoint)")
+            try:
+                wall = launch(a.steps + 1, resume=True)
+                print(f"resumed run: 1 step in {wall:.0f} s (incl. start-up, build, load, checkpoint)")
+            except subprocess.CalledProcessError as e:
+                print(f"resumed run exited with {e.returncode}: if step {a.steps + 1} is listed below, it trained "
+                      "and only its checkpoint failed (see the message above, e.g. not enough disk)")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"launch failed or timed out: {e}")
     finally:
