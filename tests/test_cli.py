@@ -23,6 +23,12 @@ def test_smoke_report_passes_with_measured_numbers(capsys):
     assert loss == pytest.approx(17.9428, abs=1e-3)
 
 
+def test_smoke_report_runs_twice_in_one_out_dir(tmp_path, capsys):
+    assert main(["smoke", "--out-dir", str(tmp_path)]) == 0
+    assert main(["smoke", "--out-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("PASSED")
+
+
 def test_smoke_report_fails_when_a_checkpoint_does_not_round_trip(capsys, monkeypatch):
     import torch
 

@@ -149,6 +149,15 @@ def test_checkpoint_larger_than_free_disk_is_refused_before_writing(make_cfg, tm
     assert list((tmp_path / "full" / "checkpoints").iterdir()) == []  # nothing half-written
 
 
+def test_stale_partial_checkpoints_are_cleared_before_the_free_space_is_measured(make_cfg, tmp_path):
+    out = tmp_path / "stale"
+    stale = out / "checkpoints" / ".tmp-step_00000007"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    Trainer(make_cfg("train.steps=1", f"io.output_dir={out}"), log=False).fit()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
+
+
 def test_metrics_jsonl_tensorboard_and_plot(make_cfg):
     cfg = make_cfg("train.steps=4", "train.eval_every=2", "tracing.use_tensorboard=true", "tracing.console_log=false")
     Trainer(cfg).fit()

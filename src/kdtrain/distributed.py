@@ -77,7 +77,8 @@ def setup(cfg: Config) -> DistState:
     if torch.get_num_threads() == 1:
         # torchrun sets OMP_NUM_THREADS=1 for every rank; the CPU builds the student and, with
         # cpu_offload, runs the optimizer step and the grad norm: give each rank its share of the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local_world))
     torch.cuda.set_device(local)
     device = torch.device("cuda", local)
     if not dist.is_initialized():
@@ -134,20 +135,24 @@ def _local_bytes(state) -> int:
 
 def check_disk_space(trainer, states: list) -> None:
     """Refuse a checkpoint the disk cannot hold, on every rank, before a byte is written."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import TMP, CheckpointError
 
     need = torch.tensor([float(sum(_local_bytes(s) for s in states))], dtype=torch.float64, device=trainer.device)
     trainer.dist.all_reduce_sum(need)
     root = trainer.ckpt_dir
-    root.mkdir(parents=True, exist_ok=True)
-    free = torch.tensor([float(shutil.disk_usage(root).free)], dtype=torch.float64, device=trainer.device)
+    if trainer.dist.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP}*"):  # left by a write that died: never a valid checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+    free = torch.tensor([float(shutil.disk_usage(root).free if trainer.dist.rank == 0 else 0)],
+                        dtype=torch.float64, device=trainer.device)
     if trainer.dist.enabled:
         dist.broadcast(free, 0)
     need_gb, free_gb = need.item() / 1e9, free.item() / 1e9
     if need.item() * 1.01 + 2**26 > free.item():
         raise CheckpointError(f"checkpoint of step {trainer.step} needs {need_gb:.1f} GB but {root} has "
-                              f"{free_gb:.1f} GB free; nothing was written. Free disk space, point io.output_dir "
-                              "at a larger disk, or lower train.keep_checkpoints.")
+                              f"{free_gb:.1f} GB free; nothing was written. Free disk space (older checkpoints under "
+                              f"{root} can go), or point io.output_dir at a larger disk and resume there.")
 
 
 def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:

@@ -165,12 +165,12 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     Resident during the step: the training state, 16 B/param (fp32 weights, grads and both AdamW
     moments) sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
     activations (with checkpointing each layer's bf16 input, else every layer's working set);
-    sharded, also the root (embedding + head) gathered in bf16 and the head's bf16 gradient, both
-    held until the end of the backward. On one GPU with bf16/fp16 autocast, the cached low-precision
+    sharded, also the root (embedding + head) gathered in the compute dtype (bf16, or fp32 with
+    ``precision: fp32``) and the head's gradient, both held until the end of the backward. On one GPU with bf16/fp16 autocast, the cached low-precision
     copies of the weights (2 B/param) live through the forward. The loss adds its chunk
     (``LOSS_BYTES_PER_LOGIT`` per logit) and the hidden-state gradient; the backward adds one
-    layer's working set (when recomputed), two gathered bf16 layers (current + prefetched) and
-    one layer's unsharded gradient with its fp32 copy for the reduce-scatter (2 + 4 B/param).
+    layer's working set (when recomputed), two gathered layers (current + prefetched) and one
+    layer's unsharded gradient with its fp32 copy for the reduce-scatter (2 + 4 B/param in bf16).
     Checked against two H200s (bench/worker_9b.py): see tests/test_model.py.
     """
     a, t = cfg.arch, cfg.train
@@ -179,17 +179,18 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     tokens = t.micro_batch_size * S
     sharded = world_size > 1
     Vd = a.vocab_size * a.d_model
+    c = 4 if t.precision == "fp32" else 2  # bytes of a gathered (compute-dtype) weight or gradient
     state = 0 if t.cpu_offload else 16 * n["total"] / world_size
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
     kept = a.n_layers * tokens * a.d_model * 2 if t.grad_checkpointing else a.n_layers * per_layer_act
     if sharded:
-        root = 2 * 2 * Vd + 2 * Vd  # gathered bf16 embedding + head, the head's bf16 gradient
+        root = c * 2 * Vd + c * Vd  # gathered embedding + head, the head's gradient
     else:
         root = 2 * n["matmul"] if t.precision != "fp32" else 0  # autocast's weight cache
     loss = t.loss_chunk_size * a.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * a.d_model * 4
     recompute = per_layer_act if t.grad_checkpointing else 0
-    last_layer = 2 * n["per_layer"] if sharded else 0  # kept gathered for the backward
-    layer_bwd = (2 * 2 + 2 + 4) * n["per_layer"] if sharded else 0
+    last_layer = c * n["per_layer"] if sharded else 0  # kept gathered for the backward
+    layer_bwd = (2 * c + c + 4) * n["per_layer"] if sharded else 0
     forward_end = state + kept + root + last_layer + loss
     backward = state + kept + (root if sharded else 0) + recompute + layer_bwd
     build = 4 * n["total"] if not sharded else 4 * (n["per_layer"] + 2 * Vd)
@@ -205,7 +206,8 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
         return None
     hints = []
     if not cfg.train.cpu_offload and need["state"] > 0.25 * gpu_bytes:
-        hints.append(f"train.cpu_offload=true (the sharded training state is {need['state'] / 2**30:.1f} GiB)")
+        where = "" if world_size > 1 else "torchrun on 2 or more GPUs with "
+        hints.append(f"{where}train.cpu_offload=true (the training state is {need['state'] / 2**30:.1f} GiB per GPU)")
     if not cfg.train.grad_checkpointing:
         hints.append("train.grad_checkpointing=true")
     if cfg.train.micro_batch_size > 1:

@@ -5,6 +5,7 @@ Every number printed is measured in this run. Exit code 0 when every step passed
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def run_smoke(out_dir: str | Path | None = None, echo=print) -> bool:
     def step_1():
         t0 = time.perf_counter()
         paths = make_toy(Path(out_dir) / "toy")
+        shutil.rmtree(Path(out_dir) / "run", ignore_errors=True)  # each report trains afresh
         state["cfg"], _ = load_config([paths["config"]], [f"io.output_dir={Path(out_dir) / 'run'}", "train.steps=1"])
         return f"toy setup created in {paths['dir']} ({time.perf_counter() - t0:.2f} s)"
 
