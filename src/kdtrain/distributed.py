@@ -1,7 +1,8 @@
 """Process groups, FSDP2 sharding and sharded checkpoints; one process = world size 1, no group.
 
-Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank drives one GPU (``LOCAL_RANK``). The
-student is sharded per decoder layer with ``fully_shard`` and a bf16-compute / fp32-reduce
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank drives one GPU (``LOCAL_RANK``, NCCL),
+or with ``train.device=cpu`` one CPU process (gloo): the same sharded path, which the CPU test
+suite runs on 2 processes. The student is sharded per decoder layer with ``fully_shard`` and a bf16-compute / fp32-reduce
 policy (fp32 when ``train.precision`` is fp32); the ``Distiller`` is the root, so the input
 embedding, final norm and output head are gathered for the forward that runs the chunked loss.
 An online teacher's decoder is sharded the same way (its head stays whole: it is read inside
@@ -65,26 +66,33 @@ def setup(cfg: Config) -> DistState:
         use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
         return DistState(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if want == "cpu":
-        raise ConfigError("distributed training (WORLD_SIZE > 1) needs CUDA; train.device=cpu runs one process.")
-    n_gpu = torch.cuda.device_count()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
-    if local_world > n_gpu:  # every rank of the node sees the same numbers and stops the same way
-        raise ConfigError(f"rank {rank}: {local_world} processes on this node but it has {n_gpu} GPU(s); "
-                          f"launch with --nproc-per-node {n_gpu} or fewer.")
-    if not dist.is_nccl_available():
-        raise ConfigError(f"rank {rank}: NCCL is not available in this torch build; install a CUDA build of torch.")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        n_gpu = torch.cuda.device_count()
+        if local_world > n_gpu:  # every rank of the node sees the same numbers and stops the same way
+            raise ConfigError(f"rank {rank}: {local_world} processes on this node but it has {n_gpu} GPU(s); "
+                              f"launch with --nproc-per-node {n_gpu} or fewer.")
+        if not dist.is_nccl_available():
+            raise ConfigError(f"rank {rank}: NCCL is not available in this torch build; install a CUDA build of "
+                              "torch, or use train.device=cpu (gloo).")
+    elif cfg.train.cpu_offload:
+        raise ConfigError("train.cpu_offload moves GPU shards to CPU memory; with train.device=cpu they are there "
+                          "already: set train.cpu_offload=false.")
     if torch.get_num_threads() == 1:
         # torchrun sets OMP_NUM_THREADS=1 for every rank; the CPU builds the student and, with
         # cpu_offload, runs the optimizer step and the grad norm: give each rank its share of the cores.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // local_world))
-    torch.cuda.set_device(local)
-    device = torch.device("cuda", local)
-    if not dist.is_initialized():
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
         # Offloaded shards live in CPU memory: their collectives (e.g. the grad-norm) need gloo too.
         backend = "cuda:nccl,cpu:gloo" if cfg.train.cpu_offload else "nccl"
-        dist.init_process_group(backend, device_id=device)
+    else:  # CPU processes (gloo): the same sharded code path, e.g. to test it without GPUs
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if use_cuda else None)
     return DistState(rank, world, device)
 
 
@@ -94,6 +102,9 @@ def shard(model, teacher, state: DistState, cfg: Config):
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(state.device.type, (state.world_size,))
     compute = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     root_mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -101,20 +112,25 @@ def shard(model, teacher, state: DistState, cfg: Config):
     layers = model.student.model.layers
     for i, layer in enumerate(layers):
         # The last layer's gather is reused right away by backward: keep it.
-        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
+        last = i == len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=not last)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
     # Each rank's loss is already divided by the global token count: gradients must be summed
     # across ranks, not averaged (FSDP's default divides by the world size).
+    gloo = state.device.type == "cpu"
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
+            if gloo:  # gloo has no pre-multiplied sum: plain SUM (the factor is 1, nothing to divide)
+                module.set_force_sum_reduction_for_comms(True)
         elif hasattr(module, "set_reduce_scatter_divide_factor"):  # torch < 2.8
             module.set_reduce_scatter_divide_factor(1.0)
     if teacher is not None:
-        tmp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        t_dtype = next(teacher.model.parameters()).dtype  # bf16 on GPUs, fp32 on the CPU
+        tmp = MixedPrecisionPolicy(param_dtype=t_dtype, reduce_dtype=torch.float32)
         for layer in teacher.model.model.layers:
-            fully_shard(layer, mp_policy=tmp)
-        fully_shard(teacher.model.model, mp_policy=tmp)
+            fully_shard(layer, mesh=mesh, mp_policy=tmp)
+        fully_shard(teacher.model.model, mesh=mesh, mp_policy=tmp)
     return model
 
 

@@ -1,0 +1,126 @@
+"""Several processes through ``torchrun``: FSDP2 sharding, DCP checkpoints, export.
+
+Every test runs on 2 CPU processes (gloo) in the CPU suite, and again on 2 GPUs (NCCL) under
+``-m gpu`` when a machine has them: the same code path, so the CPU suite catches a sharding,
+reduction or checkpoint bug before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
+]
+
+
+def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False) -> list[dict]:
+    """``torchrun --nproc-per-node n -m kdtrain train`` on the toy; returns metrics.jsonl's rows."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "kdtrain", "train", str(toy["config"]), f"io.output_dir={out}", f"train.device={device}",
+           "tracing.console_log=false", *overrides] + (["--resume"] if resume else [])
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_on_two_ranks_matches_one(toy, tmp_path, device):
+    """Same global batch (1 rank: 2 x accumulation 2; 2 ranks: 1 x 2 each), fp32: same losses,
+    grad norms and validation (gradients are summed across ranks, not averaged)."""
+    one = torchrun(1, toy, tmp_path / "one", device, "train.steps=4", "train.micro_batch_size=2", "train.grad_accum=2")
+    two = torchrun(2, toy, tmp_path / "two", device, "train.steps=4", "train.micro_batch_size=1", "train.grad_accum=2")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in ("total", "kl_div", "ce_teacher", "ce_ground_truth", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert "val_total" in two[-1] and two[-1]["val_total"] == pytest.approx(one[-1]["val_total"], rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path, device):
+    args = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.micro_batch_size=1",
+            "train.grad_accum=2"]
+    full = torchrun(2, toy, tmp_path / "run", device, *args)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "dcp").is_dir()
+    for n in (2, 1):
+        out = tmp_path / f"resume{n}"
+        shutil.copytree(tmp_path / "run", out)
+        shutil.rmtree(out / "checkpoints" / "step_00000004")
+        extra = [] if n == 2 else ["train.micro_batch_size=2"]  # same global batch on one rank
+        rows = torchrun(n, toy, out, device, *args, *extra, resume=True)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rows 3, 4 replaced by the resumed run's
+        for a, b in zip(rows[2:], full[2:]):
+            assert a["total"] == pytest.approx(b["total"], rel=1e-4), n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharded_online_teacher_matches_one_rank(toy, tmp_path, device):
+    online = ["kd.teacher=online", f"kd.teacher_path={toy['teacher']}", "train.steps=3", "train.grad_accum=2"]
+    ref = torchrun(1, toy, tmp_path / "ref", device, "train.micro_batch_size=2", *online)
+    got = torchrun(2, toy, tmp_path / "got", device, "train.micro_batch_size=1", *online)
+    # On GPUs the teacher runs in bf16, whose matmuls may round differently for other batch shapes.
+    rel = 2e-3 if device == "cuda" else 1e-4
+    for a, b in zip(ref, got, strict=True):
+        for key in ("total", "kl_div", "ce_teacher", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=rel), key
+    assert ref[0]["kl_div"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_from_a_sharded_checkpoint(toy, tmp_path, device):
+    """`kdtrain export` consolidates a DCP checkpoint written by 2 ranks into a plain HF model
+    with the same logits as the run's single-rank twin."""
+    from transformers import AutoModelForCausalLM
+
+    from kdtrain.checkpoint import export_hf
+
+    torchrun(2, toy, tmp_path / "two", device, "train.steps=2", "train.micro_batch_size=1", "train.grad_accum=2")
+    torchrun(1, toy, tmp_path / "one", device, "train.steps=2", "train.micro_batch_size=2", "train.grad_accum=2")
+    two = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "two/checkpoints/step_00000002", tmp_path / "h2"))
+    one = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "one/checkpoints/step_00000002", tmp_path / "h1"))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(two(input_ids=ids).logits, one(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cpu_offload_matches_plain_fsdp2(toy, tmp_path):
+    """CPU-offloaded shards (AdamW on the CPU, gloo for the CPU collectives) give the same steps."""
+    args = ["train.steps=3", "train.micro_batch_size=1", "train.grad_accum=2"]
+    ref = torchrun(2, toy, tmp_path / "ref", "cuda", *args)
+    got = torchrun(2, toy, tmp_path / "got", "cuda", *args, "train.cpu_offload=true")
+    for a, b in zip(ref, got, strict=True):
+        for key in ("total", "kl_div", "ce_teacher", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_more_ranks_than_gpus_fails_cleanly_on_every_rank(toy, tmp_path):
+    n = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "kdtrain",
+           "train", str(toy["config"]), f"io.output_dir={tmp_path}", "train.device=cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"{n} processes on this node but it has") == n
+
+
+def test_cpu_offload_on_cpu_processes_is_refused_on_every_rank(toy, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kdtrain",
+           "train", str(toy["config"]), f"io.output_dir={tmp_path}", "train.device=cpu", "train.cpu_offload=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("with train.device=cpu they are there already") == 2
