@@ -96,6 +96,13 @@ def setup(cfg: Config) -> DistState:
     return DistState(rank, world, device)
 
 
+def cpu_fsdp_supported() -> bool:
+    """gloo has no pre-multiplied sum; FSDP2 must be told to reduce with a plain SUM."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+
+
 def shard(model, teacher, state: DistState, cfg: Config):
     """Wrap the Distiller (and an online teacher) with FSDP2 when running on several GPUs."""
     if not state.enabled:
@@ -118,6 +125,9 @@ def shard(model, teacher, state: DistState, cfg: Config):
     # Each rank's loss is already divided by the global token count: gradients must be summed
     # across ranks, not averaged (FSDP's default divides by the world size).
     gloo = state.device.type == "cpu"
+    if gloo and not cpu_fsdp_supported():
+        raise ConfigError(f"torch {torch.__version__}: FSDP2 on CPU processes (gloo) needs "
+                          "set_force_sum_reduction_for_comms (newer torch); train on GPUs or upgrade torch.")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
