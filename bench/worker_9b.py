@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,8 +62,6 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
         return time.perf_counter() - t0
-
-    import shutil
 
     ckdir = out / "run" / "checkpoints"
     shutil.rmtree(out / "run", ignore_errors=True)  # each bench run starts a new training run

@@ -27,13 +27,18 @@ DEVICES = [
 ]
 
 
-def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False) -> list[dict]:
-    """``torchrun --nproc-per-node n -m kdtrain train`` on the toy; returns metrics.jsonl's rows."""
+def launch(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False):
+    """``torchrun --nproc-per-node n -m kdtrain train`` on the toy; the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "-m", "kdtrain", "train", str(toy["config"]), f"io.output_dir={out}", f"train.device={device}",
            "tracing.console_log=false", *overrides] + (["--resume"] if resume else [])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False) -> list[dict]:
+    """A launch that must succeed; returns metrics.jsonl's rows."""
+    proc = launch(n, toy, out, device, *overrides, resume=resume)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -114,16 +119,12 @@ def test_cpu_offload_matches_plain_fsdp2(toy, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_more_ranks_than_gpus_fails_cleanly_on_every_rank(toy, tmp_path):
     n = torch.cuda.device_count() + 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "kdtrain",
-           "train", str(toy["config"]), f"io.output_dir={tmp_path}", "train.device=cuda"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = launch(n, toy, tmp_path, "cuda")
     assert proc.returncode != 0
     assert proc.stderr.count(f"{n} processes on this node but it has") == n
 
 
 def test_cpu_offload_on_cpu_processes_is_refused_on_every_rank(toy, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kdtrain",
-           "train", str(toy["config"]), f"io.output_dir={tmp_path}", "train.device=cpu", "train.cpu_offload=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = launch(2, toy, tmp_path, "cpu", "train.cpu_offload=true")
     assert proc.returncode != 0
     assert proc.stderr.count("with train.device=cpu they are there already") == 2

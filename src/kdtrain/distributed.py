@@ -2,8 +2,8 @@
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank drives one GPU (``LOCAL_RANK``, NCCL),
 or with ``train.device=cpu`` one CPU process (gloo): the same sharded path, which the CPU test
-suite runs on 2 processes. The student is sharded per decoder layer with ``fully_shard`` and a bf16-compute / fp32-reduce
-policy (fp32 when ``train.precision`` is fp32); the ``Distiller`` is the root, so the input
+suite runs on 2 processes. The student is sharded per decoder layer with ``fully_shard`` and a
+bf16-compute / fp32-reduce policy (fp32 when ``train.precision`` is fp32); the ``Distiller`` is the root, so the input
 embedding, final norm and output head are gathered for the forward that runs the chunked loss.
 An online teacher's decoder is sharded the same way (its head stays whole: it is read inside
 the loss). Checkpoints at world size > 1 use ``torch.distributed.checkpoint`` (DCP), which
@@ -57,17 +57,16 @@ class DistState:
 def setup(cfg: Config) -> DistState:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want = cfg.train.device
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if world == 1 and cfg.train.cpu_offload:
         raise ConfigError("train.cpu_offload is an FSDP2 option: launch with torchrun on 2 or more GPUs, "
                           "or set train.cpu_offload=false.")
     if world == 1:
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but CUDA is not available; use train.device=cpu or auto.")
-        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
         return DistState(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if use_cuda:
         n_gpu = torch.cuda.device_count()
         if local_world > n_gpu:  # every rank of the node sees the same numbers and stops the same way
@@ -104,13 +103,16 @@ def cpu_fsdp_supported() -> bool:
 
 
 def shard(model, teacher, state: DistState, cfg: Config):
-    """Wrap the Distiller (and an online teacher) with FSDP2 when running on several GPUs."""
+    """Wrap the Distiller (and an online teacher) with FSDP2 when running on several processes."""
     if not state.enabled:
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from torch.distributed.device_mesh import init_device_mesh
-
+    gloo = state.device.type == "cpu"
+    if gloo and not cpu_fsdp_supported():
+        raise ConfigError(f"torch {torch.__version__}: FSDP2 on CPU processes (gloo) needs "
+                          "set_force_sum_reduction_for_comms (newer torch); train on GPUs or upgrade torch.")
     mesh = init_device_mesh(state.device.type, (state.world_size,))
     compute = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
@@ -124,10 +126,6 @@ def shard(model, teacher, state: DistState, cfg: Config):
     fully_shard(model, mesh=mesh, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
     # Each rank's loss is already divided by the global token count: gradients must be summed
     # across ranks, not averaged (FSDP's default divides by the world size).
-    gloo = state.device.type == "cpu"
-    if gloo and not cpu_fsdp_supported():
-        raise ConfigError(f"torch {torch.__version__}: FSDP2 on CPU processes (gloo) needs "
-                          "set_force_sum_reduction_for_comms (newer torch); train on GPUs or upgrade torch.")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
@@ -185,23 +183,20 @@ def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     cfg = trainer.cfg
+    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+    check_disk_space(trainer, [model_sd, optim_sd])
     if not trainer.dist.enabled:
-        model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
-        check_disk_space(trainer, [model_sd, optim_sd])
         return save_fn(trainer.ckpt_dir, trainer.step, model_sd, optim_sd, trainer_state, cfg, meta,
                        cfg.train.keep_checkpoints)
-    return _save_dcp(trainer, trainer_state, meta)
+    return _save_dcp(trainer, model_sd, optim_sd, trainer_state, meta)
 
 
-def _save_dcp(trainer, trainer_state: dict, meta: dict) -> Path:
+def _save_dcp(trainer, model_sd: dict, optim_sd: dict, trainer_state: dict, meta: dict) -> Path:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from .checkpoint import PREFIX, TMP, list_checkpoints, model_shape
     from .config import save_config
 
-    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
-    check_disk_space(trainer, [model_sd, optim_sd])
     root, step = trainer.ckpt_dir, trainer.step
     final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP}{PREFIX}{step:08d}"
     if trainer.dist.rank == 0:

@@ -42,7 +42,7 @@ class Metrics:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if t.json_log:
             path = run_dir / "metrics.jsonl"
-            if path.exists():  # a resume: steps after the checkpoint are trained again, drop their rows
+            if path.exists():  # steps after the starting one are trained again: drop their rows
                 _truncate_after(path, start_step)
             self.jsonl = open(path, "a", encoding="utf-8")
         if t.use_tensorboard:

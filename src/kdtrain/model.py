@@ -123,7 +123,7 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
     if not cfg.init.weights:
         seeded_init(model, cfg.init.seed, cfg.init.std)
-    if cfg.init.weights:
+    else:
         state = load_state_dict(cfg.init.weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -166,8 +166,9 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     moments) sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
     activations (with checkpointing each layer's bf16 input, else every layer's working set);
     sharded, also the root (embedding + head) gathered in the compute dtype (bf16, or fp32 with
-    ``precision: fp32``) and the head's gradient, both held until the end of the backward. On one GPU with bf16/fp16 autocast, the cached low-precision
-    copies of the weights (2 B/param) live through the forward. The loss adds its chunk
+    ``precision: fp32``) and the head's gradient, both held until the end of the backward. On
+    one GPU with bf16/fp16 autocast, the cached low-precision copies of the weights (2 B/param)
+    live through the forward. The loss adds its chunk
     (``LOSS_BYTES_PER_LOGIT`` per logit) and the hidden-state gradient; the backward adds one
     layer's working set (when recomputed), two gathered layers (current + prefetched) and one
     layer's unsharded gradient with its fp32 copy for the reduce-scatter (2 + 4 B/param in bf16).

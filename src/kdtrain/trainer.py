@@ -121,7 +121,7 @@ class Trainer:
         self.sampler = Sampler(len(self.train_data), t.seed)
         self.step = 0
         if resume:
-            self._resume(latest_checkpoint(self.ckpt_dir))
+            self._resume(latest)
         self.metrics = Metrics(cfg, self.run_dir, t.steps, self.step, enabled=log and self.dist.rank == 0)
 
     # ---- setup checks ----
