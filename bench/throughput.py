@@ -99,7 +99,7 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with SDPA():
-            trainer.train_step(batches)
+            row = trainer.train_step(batches)
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -107,18 +107,48 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         from torch.profiler import ProfilerActivity, profile
 
         batches = trainer.micro_batches(seq)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             trainer.train_step(batches)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90))
+        print_gpu_gaps(prof)
     name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}" + (f" x{ACCUM} accum" if ACCUM > 1 else "")
     r = report(name, ACCUM * B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
+    print(f"{'':44s} last step: total {row['total']:.4f}, grad norm {row['grad_norm']:.3f} "
+          f"(clipped above {cfg.optimizer.grad_clip})")
     if teacher_dir:
         sys_flops = f_tok(ARCH, seq) + 2 * teacher_params() + 4 * ARCH["n_layers"] * ARCH["d_model"] * seq
         print(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")
         r["system_mfu"] = r["tokens_per_s"] * sys_flops / PEAK
     del trainer
     return r
+
+
+def print_gpu_gaps(prof, top: int = 25) -> None:
+    """Where the GPU sat idle during the profiled step: total idle time and the longest gaps,
+    each with the kernels around it and the innermost CPU ops running at the time."""
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    gpu = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    cpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+           if e.get("cat") in ("cpu_op", "python_function", "user_annotation") and "dur" in e]
+    gaps, end, prev = [], gpu[0][1], gpu[0][2]
+    for t0, t1, name in gpu[1:]:
+        if t0 > end:
+            gaps.append((t0 - end, end, prev, name))
+        if t1 > end:
+            end, prev = t1, name
+    span = (end - gpu[0][0]) / 1e3
+    idle = sum(g[0] for g in gaps) / 1e3
+    print(f"GPU span {span:.1f} ms, idle {idle:.1f} ms in {len(gaps)} gaps "
+          f"({sum(g[0] for g in gaps if g[0] > 50) / 1e3:.1f} ms in gaps > 50 us)")
+    for dur, at, before, after in sorted(gaps, reverse=True)[:top]:
+        mid = at + dur / 2
+        inner = sorted((c for c in cpu if c[0] <= mid <= c[1]), key=lambda c: c[1] - c[0])[:5]
+        print(f"  {dur / 1e3:6.2f} ms after {before[:40]!r} before {after[:40]!r}; cpu: "
+              + " < ".join(c[2][:50] for c in inner))
 
 
 def teacher_params() -> int:
@@ -185,8 +215,8 @@ def main() -> None:
     p.add_argument("--naive", action="store_true", help="also the naive baselines")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one kdtrain step")
-    p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient"],
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels and the GPU idle gaps of one kdtrain step")
+    p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
                    help="attention kernels for the kdtrain step (default: PyTorch's choice)")
     a = p.parse_args()
     global PROFILE, SDPA, ACCUM
@@ -196,7 +226,8 @@ def main() -> None:
 
     SDPA = {"default": contextlib.nullcontext,
             "flash": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
-            "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])}[a.sdpa]
+            "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
+            "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])}[a.sdpa]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

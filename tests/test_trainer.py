@@ -214,6 +214,37 @@ def test_non_finite_loss_stops_before_the_optimizer(toy_cfg):
     assert trainer.step == 0
 
 
+def test_non_finite_gradient_stops_before_the_optimizer(toy_cfg):
+    """A finite loss with a NaN gradient (bf16/fp32 have no scaler to skip the step)."""
+    trainer = Trainer(toy_cfg, log=False)
+    trainer.student.lm_head.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = _weights(trainer)
+    with pytest.raises(TrainingError, match="non-finite gradient norm .* step 1; the optimizer did not step"):
+        trainer.train_step(trainer.micro_batches(64))
+    assert all(torch.equal(before[n], p) for n, p in trainer.student.named_parameters())
+    assert trainer.step == 0
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6, 0.0], ids=["clipping", "under-the-limit", "off"])
+def test_clipping_matches_torch_clip_grad_norm(make_cfg, clip):
+    """The gradients the optimizer sees, and the reported norm, against torch's own
+    ``clip_grad_norm_`` on copies (which multiplies even when the norm is under the limit)."""
+    trainer = Trainer(make_cfg(f"optimizer.grad_clip={clip}"), log=False)
+    sums = trainer.forward_backward(trainer.micro_batches(64))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in trainer.student.parameters()]
+    for r, p in zip(ref, trainer.student.parameters()):
+        r.grad = p.grad.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip > 0 else float("inf"))
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend(p.grad.clone() for p in trainer.student.parameters()))
+    row = trainer.optimizer_step(sums)
+    assert row["grad_norm"] == pytest.approx(float(ref_norm), rel=1e-6)
+    assert (row["grad_norm"] > clip > 0) == (clip == 1e-3)  # the cases are what they say
+    for g, r in zip(seen, ref, strict=True):
+        torch.testing.assert_close(g, r.grad, rtol=1e-6, atol=0)
+
+
 def test_lr_schedule_warmup_then_cosine(make_cfg):
     cfg = make_cfg("optimizer.lr=1.0", "optimizer.warmup_steps=4", "optimizer.min_lr_ratio=0.1", "train.steps=14")
     assert [lr_at(cfg, s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])

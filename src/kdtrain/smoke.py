@@ -66,18 +66,18 @@ def run_smoke(out_dir: str | Path | None = None, echo=print) -> bool:
         state["trainer"] = trainer
         before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
         batches = trainer.micro_batches(state["cfg"].seq_len_at(0))
-        sums = dict(zip(COMPONENTS, trainer.forward_backward(batches).tolist()))
+        sums = trainer.forward_backward(batches)
         params = [(n, p) for n, p in trainer.student.named_parameters() if p.requires_grad]
         bad = [n for n, p in params if p.grad is None or not torch.isfinite(p.grad).all()]
         if bad:
             raise AssertionError(f"no finite gradient for {len(bad)} parameters, e.g. {bad[0]}")
-        grad_norm = trainer.optimizer_step()
+        row = trainer.optimizer_step(sums)
         moved = sum(not torch.equal(before[n], p.detach()) for n, p in params)
         if moved != len(params):
             raise AssertionError(f"the optimizer step changed {moved} of {len(params)} parameters")
-        comps = ", ".join(f"{k}={v:.4f}" for k, v in sums.items() if k != "total")
-        return (f"training step: loss {sums['total']:.4f} ({comps}); components {list(COMPONENTS)}; backward gave "
-                f"finite gradients to all {len(params)} parameters (norm {grad_norm:.3f}); step changed {moved}")
+        comps = ", ".join(f"{k}={row[k]:.4f}" for k in COMPONENTS if k != "total")
+        return (f"training step: loss {row['total']:.4f} ({comps}); components {list(COMPONENTS)}; backward gave "
+                f"finite gradients to all {len(params)} parameters (norm {row['grad_norm']:.3f}); step changed {moved}")
 
     def step_5():
         trainer = state["trainer"]

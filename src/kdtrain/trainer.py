@@ -2,8 +2,9 @@
 
 Step anatomy (``train_step``): take ``grad_accum`` micro-batches for this rank, count the valid
 tokens of the whole step (summed over ranks), run forward + backward per micro-batch with the
-losses normalised by those counts (so 8 x 1 equals 1 x 8), stop before the optimizer if any loss
-is not finite, unscale (fp16), clip, step, and set the learning rate for the next step.
+losses normalised by those counts (so 8 x 1 equals 1 x 8), unscale (fp16), read the loss sums and
+the gradient norm in one host sync, stop before the optimizer if either is not finite, clip, step,
+and set the learning rate for the next step.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class Trainer:
 
     # ---- the step ----
     def forward_backward(self, batches: list[dict]) -> torch.Tensor:
-        """Forward + backward over this step's micro-batches; returns the component sums [4]."""
+        """Forward + backward over this step's micro-batches; returns the component sums [4],
+        summed over ranks, on the device (``optimizer_step`` checks them)."""
         self.model.train()
         counts = self._counts(batches)
         sums = torch.zeros(4, device=self.device)
@@ -176,22 +178,38 @@ class Trainer:
             loss = out["total"]
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.stack([out[c].detach().float() for c in COMPONENTS])
-        sums = self.dist.all_reduce_sum(sums)
-        # One check per step, after the all-reduce: every rank sees the same sums (a NaN on any
-        # rank spreads to all), so all ranks stop together, and the GPU never waits mid-step.
-        if not bool(torch.isfinite(sums).all()):
-            self.optimizer.zero_grad(set_to_none=True)
-            bad = ", ".join(f"{c} {v}" for c, v in zip(COMPONENTS, sums.tolist()))
-            raise TrainingError(f"non-finite loss ({bad}) at step {self.step + 1}; the optimizer did not step. "
-                                "Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
-        return sums
+        return self.dist.all_reduce_sum(sums)
 
-    def optimizer_step(self) -> float:
-        """Unscale (fp16), clip, step, zero the gradients, set the next step's learning rate."""
+    def optimizer_step(self, sums: torch.Tensor | None = None) -> dict:
+        """Check, clip and step; returns ``{"grad_norm": ...}`` plus the components of ``sums``.
+
+        The step reads the GPU once: the loss sums and the global gradient norm together. Every
+        rank reads the same all-reduced values, so on a NaN all ranks stop at the same step. A
+        non-finite loss, or (bf16/fp32) a non-finite gradient norm, raises before the optimizer
+        steps; under fp16 the grad scaler skips such steps itself. The gradients are multiplied
+        by ``grad_clip / norm`` only when the norm exceeds ``optimizer.grad_clip`` (the multiply
+        by 1 that ``clip_grad_norm_`` does otherwise is a full pass over the gradients).
+        """
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor when sharded
+        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        read = full.reshape(1).float() if sums is None else torch.cat([sums.float(), full.reshape(1).float()])
+        *values, grad_norm = read.tolist()  # the step's one host sync
+        if not all(map(math.isfinite, values)):
+            bad = "loss (" + ", ".join(f"{c} {v}" for c, v in zip(COMPONENTS, values)) + ")"
+        elif not self.scaler and not math.isfinite(grad_norm):
+            bad = f"gradient norm ({grad_norm})"
+        else:
+            bad = None
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite {bad} at step {self.step + 1}; the optimizer did not step. "
+                                "Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
         clip = self.cfg.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip > 0 else float("inf"))
+        if 0 < clip < grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -201,14 +219,11 @@ class Trainer:
         self.step += 1
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.cfg, self.step)
-        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return {**dict(zip(COMPONENTS, values)), "grad_norm": grad_norm}
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step over the micro-batches; returns the loss components and grad norm."""
-        sums = self.forward_backward(batches)
-        row = dict(zip(COMPONENTS, sums.tolist()))
-        row["grad_norm"] = self.optimizer_step()
-        return row
+        return self.optimizer_step(self.forward_backward(batches))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
