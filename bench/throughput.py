@@ -87,7 +87,7 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         f"io.output_dir={tmp / 'run'}", f"train.seq_lengths=[{seq}]", f"train.micro_batch_size={B}",
         f"train.grad_accum={ACCUM}", "train.precision=bf16", "train.compile=true", "train.device=cuda",
         f"train.steps={steps + 3}", "distillation.ce_ground_truth_weight=0", "tracing.console_log=false",
-        "train.loss_chunk_size=4096", *extra]
+        "train.loss_chunk_size=8192", *extra]  # larger chunks: fewer launches, 1.3 GiB more than 4096
     if teacher_dir:
         overrides += ["kd.teacher=online", f"kd.teacher_path={teacher_dir}"]
     cfg, _ = load_config([], overrides)
