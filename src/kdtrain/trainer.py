@@ -194,8 +194,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.student.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor when sharded
-        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        read = full.reshape(1).float() if sums is None else torch.cat([sums.float(), full.reshape(1).float()])
+        full = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).reshape(1).float()
+        read = full if sums is None else torch.cat([sums.float(), full.to(sums.device)])  # CPU offload: norm on CPU
         *values, grad_norm = read.tolist()  # the step's one host sync
         if not all(map(math.isfinite, values)):
             bad = "loss (" + ", ".join(f"{c} {v}" for c, v in zip(COMPONENTS, values)) + ")"
