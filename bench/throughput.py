@@ -127,9 +127,10 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
 def print_gpu_gaps(prof, top: int = 25) -> None:
     """Where the GPU sat idle during the profiled step: total idle time and the longest gaps,
     each with the kernels around it and the innermost CPU ops running at the time."""
-    path = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text())["traceEvents"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
     gpu = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
     cpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events

@@ -172,10 +172,10 @@ def check_disk_space(trainer, states: list) -> None:
                         dtype=torch.float64, device=trainer.device)
     if trainer.dist.enabled:
         dist.broadcast(free, 0)
-    need_gb, free_gb = need.item() / 1e9, free.item() / 1e9
-    if need.item() * 1.01 + 2**26 > free.item():
-        raise CheckpointError(f"checkpoint of step {trainer.step} needs {need_gb:.1f} GB but {root} has "
-                              f"{free_gb:.1f} GB free; nothing was written. Free disk space (older checkpoints under "
+    need, free = need.item(), free.item()
+    if need * 1.01 + 2**26 > free:
+        raise CheckpointError(f"checkpoint of step {trainer.step} needs {need / 1e9:.1f} GB but {root} has "
+                              f"{free / 1e9:.1f} GB free; nothing was written. Free disk space (older checkpoints under "
                               f"{root} can go), or point io.output_dir at a larger disk and resume there.")
 
 
