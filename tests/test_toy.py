@@ -60,3 +60,20 @@ def test_teacher_signal_is_a_real_model_not_noise(toy):
     # Random logits over 32,000 tokens would hit ~0 times, and a position-blind teacher at best
     # as often as the most frequent token (~12%); the fitted teacher reads the context.
     assert hits / total > max(counts.values()) / total + 0.2
+
+
+@pytest.mark.slow
+def test_artifacts_do_not_depend_on_the_cpu_instruction_set(toy, tmp_path):
+    """make-toy under the portable kernels (ATEN_CPU_CAPABILITY=default) writes the same bytes as
+    under this CPU's best ones (this session's fixture): float32 kernels differ per instruction
+    set in their last bits, and nothing stored may carry those bits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    code = f"from kdtrain.toy import make_toy; make_toy({str(tmp_path / 'portable')!r})"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    for rel in ("toy_dataset.jsonl", "toy_model_init.pt", "teacher/model.safetensors", "toy_config.yaml",
+                "tokenizer/tokenizer.json"):
+        assert (toy["dir"] / rel).read_bytes() == (tmp_path / "portable" / rel).read_bytes(), rel

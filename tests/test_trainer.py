@@ -35,11 +35,20 @@ def test_train_step_gives_finite_gradients_and_moves_every_weight(toy_cfg):
 def test_first_losses_are_pinned(make_cfg):
     """Any diff that moves these numbers is changing the objective (fixed seed, fp32, CPU).
 
-    Independent anchor: at init (std 0.02) the student is near uniform, so ce_teacher starts at
-    ln(32000) = 10.373.
+    The toy artifacts are the same bytes on any CPU (float64 fit and init, see kdtrain.toy), so
+    these hold on any instruction set: the fp32 step itself differs across CPUs by ~2e-6 (AVX2
+    against ATEN_CPU_CAPABILITY=default), well inside 1e-5. Independent anchor: the first row's
+    ce_teacher equals a plain Hugging Face forward's cross-entropy on the same batch.
     """
-    rows = Trainer(make_cfg("train.steps=3"), log=False).fit()
-    assert abs(rows[0]["ce_teacher"] - math.log(32000)) < 0.01
+    trainer = Trainer(make_cfg("train.steps=3"), log=False)
+    batch = trainer.micro_batches(64)[0]
+    trainer.sampler.position = 0  # fit() draws the same first batch again
+    with torch.no_grad():
+        logits = trainer.student(input_ids=batch["input_ids"]).logits
+    valid = batch["labels"] != -100
+    reference = torch.nn.functional.cross_entropy(logits[valid], batch["labels"][valid]).item()
+    rows = trainer.fit()
+    assert rows[0]["ce_teacher"] == pytest.approx(reference, abs=1e-5)
     got = [(r["total"], r["kl_div"], r["ce_teacher"], r["ce_ground_truth"]) for r in rows]
     pinned = PINNED_FIRST_LOSSES
     assert len(got) == 3
@@ -48,8 +57,8 @@ def test_first_losses_are_pinned(make_cfg):
 
 
 PINNED_FIRST_LOSSES = [
-    (17.94275665283203, 7.552249431610107, 10.371119499206543, 10.409897804260254),
-    (17.453624725341797, 7.32805871963501, 10.093466758728027, 10.157663345336914),
+    (17.228443145751953, 6.849761962890625, 10.334553718566895, 10.422802925109863),
+    (17.37706756591797, 7.242749214172363, 10.084464073181152, 10.184168815612793),
 ]
 
 

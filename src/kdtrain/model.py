@@ -76,7 +76,7 @@ def seeded_init(model: nn.Module, seed: int, std: float) -> None:
     weight ~ N(0, std), zero biases and embedding padding row, norms at 1.
 
     Each block of ``INIT_BLOCK`` elements of a weight has its own CPU generator, seeded from
-    (seed, parameter name, block): the same weights for any thread count, device or world size
+    (seed, parameter name, block): the same weights for any thread count, device, world size or CPU
     (the student is built on the CPU and then moved or sharded), and a 9B init uses every core
     (torch draws one tensor serially: 90 s for 9B on one core).
     """
@@ -86,7 +86,10 @@ def seeded_init(model: nn.Module, seed: int, std: float) -> None:
     def fill(name: str, flat: torch.Tensor, block: int) -> None:
         key = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        flat[block * INIT_BLOCK: (block + 1) * INIT_BLOCK].normal_(0.0, std, generator=g)
+        part = flat[block * INIT_BLOCK: (block + 1) * INIT_BLOCK]
+        # Drawn in float64, then rounded: torch's float32 normal_ has a vectorised kernel per CPU
+        # instruction set (AVX2, AVX-512, none) whose last bits differ; the float64 one is scalar.
+        part.copy_(torch.empty(part.numel(), dtype=torch.float64).normal_(0.0, std, generator=g))
 
     jobs, names = [], {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad():

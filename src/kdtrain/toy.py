@@ -10,7 +10,8 @@ both call ``make_toy``.
 * ``toy_model_init.pt``: the student's initial weights (a weights-only state dict).
 * ``toy_config.yaml``: a complete config whose relative paths point at the files above.
 
-The same flags give the same bytes.
+The same flags give the same bytes, on any CPU: everything stored is drawn or fitted in float64
+(see ``_fit_teacher``), so no float32 kernel's instruction-set-specific rounding reaches the files.
 """
 
 from __future__ import annotations
@@ -63,15 +64,24 @@ def _encode(tok, rec: dict) -> tuple[list[int], list[int]]:
 
 
 def _fit_teacher(tok, vocab: int, rows: list[tuple[list[int], list[int]]], seed: int):
-    """A small teacher LM fitted on the toy responses, so its top-k rows carry real signal."""
+    """A small teacher LM fitted on the toy responses, so its top-k rows carry real signal.
+
+    Fitted in float64 and returned in float32 (the saved checkpoint's dtype): torch's float32
+    kernels differ in their last bits between CPU instruction sets (AVX-512, AVX2, none), and 20
+    Adam steps would carry those bits into every stored number. In float64 they stay ~1e-16,
+    far below the float32 rounding of the weights and the 6 decimals of the stored log-probs.
+    """
     from transformers import LlamaForCausalLM
+
+    from .model import seeded_init
 
     cfg = Config()
     for key, value in TEACHER_ARCH.items():
         setattr(cfg.arch, key, value)
     cfg.arch.vocab_size = vocab
-    torch.manual_seed(seed + 1)
     teacher = LlamaForCausalLM(llama_config(cfg.arch, pad_id=tok.pad_token_id))
+    seeded_init(teacher, seed + 1, cfg.init.std)
+    teacher.double()
     S = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), S), tok.pad_token_id)
     labels = torch.full((len(rows), S), -100)  # shifted: labels[t] is the token position t predicts
@@ -88,7 +98,7 @@ def _fit_teacher(tok, vocab: int, rows: list[tuple[list[int], list[int]]], seed:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return teacher.eval(), ids
+    return teacher.float().eval(), ids
 
 
 def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmodel: int = 64, nlayers: int = 2,
@@ -96,6 +106,7 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
     """Build every toy artifact in ``out_dir``; returns their paths."""
     from transformers import LlamaForCausalLM
 
+    from .model import seeded_init
     from .tokenizer import build_toy_tokenizer
 
     if samples < 1:
@@ -106,8 +117,9 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
     records = toy_samples(samples, seed)
     rows = [_encode(tok, r) for r in records]
     teacher, ids = _fit_teacher(tok, vocab, rows, seed)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)
+    with torch.no_grad():  # the saved float32 weights, run in float64: the same bytes on any CPU
+        logprobs = torch.log_softmax(teacher.double()(input_ids=ids).logits, dim=-1)
+    teacher.float()
     lines = [json.dumps({"__header__": {"format": "kd-jsonl-v1", "tokenizer": "mistral-common tokenizer.model.v1",
                                         "k": TOPK, "teacher": "toy teacher fitted in code", "seed": seed}})]
     for i, (rec, (p, r)) in enumerate(zip(records, rows)):
@@ -133,9 +145,40 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
                "val_shards": ["toy_dataset.jsonl"], "output_dir": "run"},
         "distillation": {"kl_weight": 1.0, "ce_teacher_weight": 0.5, "ce_ground_truth_weight": 0.5},
     })
-    torch.manual_seed(seed)
+    # The seeded init of `init.seed` (the same weights `build_student` draws without init.weights).
     student = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std, pad_id=tok.pad_token_id))
+    seeded_init(student, seed, cfg.init.std)
     torch.save(student.state_dict(), out / "toy_model_init.pt")
     (out / "toy_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     return {"dir": out, "config": out / "toy_config.yaml", "dataset": out / "toy_dataset.jsonl",
             "model_init": out / "toy_model_init.pt", "tokenizer": out / "tokenizer", "teacher": out / "teacher"}
+
+
+PAIR_VOCAB = 700  # the pair tokenizer's size: byte-level BPE, 256 bytes + merges + 3 special tokens
+PAIR_CORPUS = 300  # toy records the pair tokenizer is trained on
+
+
+def make_toy_pair(out_dir: str | Path = "toy", samples: int = 10, seed: int = 0) -> dict:
+    """A teacher with another tokenizer, for cross-tokenizer distillation: ``pair_teacher/`` holds a
+    byte-level BPE tokenizer (``PAIR_VOCAB`` tokens, trained with ``tokenizers`` on the toy corpus;
+    no dummy prefix, ``Ġ`` for spaces) and a toy teacher fitted on it like ``make_toy``'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir) / "pair_teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=PAIR_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [t for r in toy_samples(PAIR_CORPUS, seed + 7) for t in (r["prompt"], r["teacher_text"])]
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(out)
+    rows = [_encode(tok, r) for r in toy_samples(samples, seed)]
+    teacher, _ = _fit_teacher(tok, len(tok), rows, seed + 100)
+    hf_logging.disable_progress_bar()
+    teacher.save_pretrained(out)
+    return {"teacher": out, "tokenizer": out}
