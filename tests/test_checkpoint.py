@@ -52,8 +52,12 @@ def test_export_gives_a_plain_hf_model_with_identical_logits(make_cfg, tmp_path,
     if layout == "dcp":
         import torch.distributed.checkpoint as dcp
 
+        from kdtrain.checkpoint import MANIFEST, file_entries, write_manifest
+
         (path / "model.safetensors").unlink()
+        (path / "optimizer.pt").unlink()
         dcp.save({"model": trainer.student.state_dict()}, checkpoint_id=str(path / "dcp"))
+        write_manifest(path, file_entries(path, [f for f in path.rglob("*") if f.is_file() and f.name != MANIFEST]))
     out = export_hf(path, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert len(AutoTokenizer.from_pretrained(out, local_files_only=True)) == 32000

@@ -35,7 +35,7 @@ def test_deep_merge_later_wins_and_overrides_on_top(tmp_path):
     assert cfg.optimizer.betas == [0.8, 0.9]
     assert cfg.io.tokenizer_path == str(tmp_path / "tok")
     assert cfg.io.train_shards == [str(tmp_path / "sub" / "d.jsonl")]
-    assert sources["train.steps"] == str(b)
+    assert sources["train.steps"] == f"{b}, line 1"  # the file and line a message names
 
 
 @pytest.mark.smoke

@@ -27,15 +27,21 @@ def cmd_smoke(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .config import load_config
-    from .trainer import Trainer
+    from .config import ConfigError, load_config
+    from .trainer import Interrupted, Trainer
 
     files, overrides = _split(a.items)
     if not files:
-        raise SystemExit("kdtrain train: give at least one CONFIG file")
+        raise ConfigError("kdtrain train: give at least one CONFIG file")
     cfg, _ = load_config(files, overrides)
     trainer = Trainer(cfg, resume=a.resume)
-    rows = trainer.fit()
+    try:
+        rows = trainer.fit()
+    except Interrupted as e:
+        if trainer.dist.rank == 0:
+            print(f"kdtrain train: {e}", file=sys.stderr)
+        trainer.dist.close()
+        return 128 + e.signum
     if trainer.dist.rank == 0:
         last = f"step {rows[-1]['step']}, total {rows[-1]['total']:.4f}" if rows else f"already at step {trainer.step}"
         print(f"done: {last}; run directory {trainer.run_dir}")
@@ -46,10 +52,14 @@ def cmd_train(a) -> int:
 def cmd_info(a) -> int:
     import yaml
 
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .model import flops_per_token, memory_estimate, param_counts
 
     files, overrides = _split(a.items)
+    if not files:
+        raise ConfigError("kdtrain info: give at least one CONFIG file")
+    if a.world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {a.world_size}.")
     cfg, _ = load_config(files, overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     n = param_counts(cfg.arch)
@@ -132,12 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .trainer import TrainingError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options and CONFIG/override items in any order: argparse stops filling `items` at the first
+    # option (`train CFG --resume train.steps=60`), so what it leaves over joins the items.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "items")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.items += extra
     try:
         return args.fn(args)
     except (CheckpointError, ConfigError, DataError, TrainingError) as e:
         print(f"kdtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission, a vanished file: the OS's words and the path
+        print(f"kdtrain {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdtrain {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

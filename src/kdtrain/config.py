@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,34 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message says what to change."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` and ``1E5`` as numbers: YAML 1.1 (PyYAML)
+    needs a dot in a float (``1.0e-3``) and would hand ``1e-3`` over as the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _key_lines(text: str) -> dict:
+    """``section`` and ``section.key`` -> 1-based line in a YAML text (for messages)."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return {}
+    lines = {}
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            lines[str(k.value)] = k.start_mark.line + 1
+            if isinstance(v, yaml.MappingNode):
+                for kk, _ in v.value:
+                    lines[f"{k.value}.{kk.value}"] = kk.start_mark.line + 1
+    return lines
 
 
 @dataclass
@@ -53,6 +83,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to norms or embeddings
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    state_dtype: str = "fp32"  # AdamW moments: fp32 (exact, fused) | 8bit | 4bit (torchao, kdtrain[lowbit])
 
 
 @dataclass
@@ -163,20 +194,27 @@ def _resolve_paths(section: str, key: str, value: Any, base: Path | None) -> Any
     return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
 
-def _merge_layer(merged: dict, sources: dict, layer: dict, origin: str, base: Path | None) -> None:
+def _merge_layer(merged: dict, sources: dict, layer: dict, origin: str, base: Path | None,
+                 lines: dict | None = None) -> None:
+    lines = lines or {}
+
+    def at(name: str) -> str:  # "file, line N" when the layer is a file
+        return f"{origin}, line {lines[name]}" if name in lines else origin
+
     if not isinstance(layer, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(layer).__name__}.")
     for section, body in layer.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section '{section}'.{_did_you_mean(section, SECTIONS)}")
+            raise ConfigError(f"{at(str(section))}: unknown section '{section}'.{_did_you_mean(str(section), SECTIONS)}")
         if not isinstance(body, dict):
-            raise ConfigError(f"{origin}: section '{section}' must be a mapping of keys, got {body!r}.")
+            raise ConfigError(f"{at(section)}: section '{section}' must be a mapping of keys, got {body!r}.")
         valid = {f.name for f in dataclasses.fields(_section_cls(section))}
         for key, value in body.items():
+            where = at(f"{section}.{key}")
             if key not in valid:
-                raise ConfigError(f"{origin}: unknown key '{section}.{key}'.{_did_you_mean(key, valid)}")
+                raise ConfigError(f"{where}: unknown key '{section}.{key}'.{_did_you_mean(str(key), valid)}")
             merged.setdefault(section, {})[key] = _resolve_paths(section, key, value, base)
-            sources[f"{section}.{key}"] = origin
+            sources[f"{section}.{key}"] = where
 
 
 def _coerce(value: Any, tp, where: str) -> Any:
@@ -203,6 +241,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -216,7 +256,11 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.steps=10).")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({e.problem or e}).") from None
+    return section, key, value
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> tuple[Config, dict]:
@@ -231,10 +275,15 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> tupl
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist.")
         try:
-            layer = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = p.read_text(encoding="utf-8")
+            layer = yaml.load(text, Loader=_Loader) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read ({e}).") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        _merge_layer(merged, sources, layer, str(p), p.resolve().parent)
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to be a kdtrain config.") from None
+        _merge_layer(merged, sources, layer, str(p), p.resolve().parent, _key_lines(text))
     for text in overrides:
         section, key, value = _parse_override(text)
         _merge_layer(merged, sources, {section: {key: value}}, f"command line '{text}'", Path.cwd())
@@ -280,6 +329,8 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
     for key in ("eps", "weight_decay", "grad_clip"):
         if getattr(o, key) < 0:
             fail(f"optimizer.{key}", f"must be >= 0, got {getattr(o, key)}.")
+    if o.state_dtype not in ("fp32", "8bit", "4bit"):
+        fail("optimizer.state_dtype", f"must be fp32, 8bit or 4bit, got '{o.state_dtype}'.")
     if o.warmup_steps < 0:
         fail("optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}.")
     for key in ("steps", "micro_batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints"):

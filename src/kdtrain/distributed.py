@@ -142,26 +142,27 @@ def shard(model, teacher, state: DistState, cfg: Config):
     return model
 
 
-def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
+def _local_tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state.to_local() if hasattr(state, "to_local") else state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _local_tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _local_tensors(v)
 
 
 def _local_bytes(state) -> int:
-    if isinstance(state, torch.Tensor):
-        t = state.to_local() if hasattr(state, "to_local") else state
-        return t.numel() * t.element_size()
-    if isinstance(state, dict):
-        return sum(_local_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_local_bytes(v) for v in state)
-    return 0
+    return sum(t.numel() * t.element_size() for t in _local_tensors(state))
 
 
-def check_disk_space(trainer, states: list) -> None:
-    """Refuse a checkpoint the disk cannot hold, on every rank, before a byte is written."""
+def check_disk_space(trainer, need_local: float, what: str) -> None:
+    """Refuse ``what`` (a checkpoint of ``need_local`` bytes per rank) when the disk cannot hold
+    it, on every rank, before a byte is written."""
     from .checkpoint import TMP, CheckpointError
 
-    need = torch.tensor([float(sum(_local_bytes(s) for s in states))], dtype=torch.float64, device=trainer.device)
+    need = torch.tensor([float(need_local)], dtype=torch.float64, device=trainer.device)
     trainer.dist.all_reduce_sum(need)
     root = trainer.ckpt_dir
     if trainer.dist.rank == 0:
@@ -174,9 +175,26 @@ def check_disk_space(trainer, states: list) -> None:
         dist.broadcast(free, 0)
     need, free = need.item(), free.item()
     if need * 1.01 + 2**26 > free:
-        raise CheckpointError(f"checkpoint of step {trainer.step} needs {need / 1e9:.1f} GB but {root} has "
-                              f"{free / 1e9:.1f} GB free; nothing was written. Free disk space (older checkpoints under "
-                              f"{root} can go), or point io.output_dir at a larger disk and resume there.")
+        raise CheckpointError(f"{what} needs {need / 1e9:.1f} GB but {root} has {free / 1e9:.1f} GB free; nothing "
+                              f"was written. Free disk space (older checkpoints under {root} can go), or point "
+                              "io.output_dir at a larger disk and resume there.")
+
+
+def check_finite(trainer, states: list) -> None:
+    """A step whose weights or optimizer state are not finite is never saved (it would become the
+    resume point); every rank stops with the same message."""
+    from .trainer import TrainingError
+
+    tensors = [t for t in _local_tensors(states) if t.is_floating_point() and t.numel()]
+    bad = torch.zeros(1, device=trainer.device)
+    if tensors:
+        norms = torch._foreach_norm(tensors)  # an inf or NaN anywhere in a tensor makes its norm non-finite
+        bad += (~torch.isfinite(torch.stack([n.float().to(trainer.device) for n in norms]))).sum()
+    trainer.dist.all_reduce_sum(bad)
+    if bad.item():
+        raise TrainingError(f"the weights or optimizer state after step {trainer.step} are not finite; this step was "
+                            "not saved, so the previous checkpoint stays the resume point. Lower optimizer.lr or "
+                            "check the data.")
 
 
 def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
@@ -184,7 +202,8 @@ def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
 
     cfg = trainer.cfg
     model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
-    check_disk_space(trainer, [model_sd, optim_sd])
+    check_finite(trainer, [model_sd, optim_sd])
+    check_disk_space(trainer, _local_bytes([model_sd, optim_sd]), f"the checkpoint of step {trainer.step}")
     if not trainer.dist.enabled:
         return save_fn(trainer.ckpt_dir, trainer.step, model_sd, optim_sd, trainer_state, cfg, meta,
                        cfg.train.keep_checkpoints)
@@ -192,47 +211,63 @@ def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
 
 
 def _save_dcp(trainer, model_sd: dict, optim_sd: dict, trainer_state: dict, meta: dict) -> Path:
+    """Every rank writes its shards (``dcp/__<rank>_*.distcp``) and hashes them; rank 0 writes the
+    rest, gathers the hashes into the manifest (written last) and renames the directory."""
     import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import PREFIX, TMP, list_checkpoints, model_shape
+    from .checkpoint import PREFIX, TMP, file_entries, model_shape, publish, write_manifest
     from .config import save_config
 
-    root, step = trainer.ckpt_dir, trainer.step
+    root, step, rank = trainer.ckpt_dir, trainer.step, trainer.dist.rank
     final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP}{PREFIX}{step:08d}"
-    if trainer.dist.rank == 0:
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    dist.barrier()
-    if trainer.dist.rank == 0:
+    mine = file_entries(tmp, (tmp / "dcp").glob(f"__{rank}_*.distcp"))
+    if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
         save_config(trainer.cfg, tmp / "config.yaml")
         shapes = model_shape(trainer.student.state_dict())  # DTensor shapes are global
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "model_shape": shapes}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[: -trainer.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old)
+        mine.update(file_entries(tmp, [tmp / "dcp" / ".metadata", tmp / "trainer_state.pt", tmp / "config.yaml",
+                                       tmp / "meta.json"]))
+    gathered = [None] * trainer.dist.world_size
+    dist.all_gather_object(gathered, mine)  # in-memory dicts of names and hashes
+    if rank == 0:
+        write_manifest(tmp, {k: v for part in gathered for k, v in part.items()})
+        publish(tmp, final, trainer.cfg.train.keep_checkpoints)
     dist.barrier()
     return final
+
+
+def verify(trainer, path: Path) -> str | None:
+    """``checkpoint.verify`` with the hashing split across ranks; every rank gets the same answer."""
+    from .checkpoint import verify as verify_files
+
+    problem = verify_files(path, (trainer.dist.rank, trainer.dist.world_size))
+    if not trainer.dist.enabled:
+        return problem
+    gathered = [None] * trainer.dist.world_size
+    dist.all_gather_object(gathered, problem)
+    return next((p for p in gathered if p), None)
 
 
 def load(trainer, path: Path, load_fn) -> dict:
     """Restore model + optimizer into the (possibly sharded) trainer; returns the trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    from .checkpoint import dcp_load, torch_load
+
     path = Path(path)
     if (path / "dcp").is_dir():
-        import torch.distributed.checkpoint as dcp
-
         model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp_load(state, path / "dcp")
         set_state_dict(trainer.student, trainer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        return torch_load(path / "trainer_state.pt")
     ckpt = load_fn(path, trainer.device)
     opts = StateDictOptions(full_state_dict=True, strict=True) if trainer.dist.enabled else StateDictOptions(strict=True)
     set_state_dict(trainer.student, trainer.optimizer, model_state_dict=ckpt["model"],

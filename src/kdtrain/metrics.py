@@ -8,7 +8,26 @@ import json
 import math
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError
+
+
+def check_tracing(cfg: Config) -> None:
+    """``tracing.use_tensorboard`` / ``use_wandb`` need their packages: say so before training."""
+    import importlib.util
+
+    for key, package, extra in (("use_tensorboard", "tensorboard", "tensorboard"), ("use_wandb", "wandb", "wandb")):
+        if getattr(cfg.tracing, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"tracing.{key} is true but the '{package}' package is not installed: "
+                              f"pip install 'kdtrain[{extra}]' (or set tracing.{key}=false).")
+
+
+class MetricsWriteError(OSError):
+    """A metrics file or the loss plot could not be written (a full disk, a permission)."""
+
+
+def _write_error(path, e: OSError) -> MetricsWriteError:
+    return MetricsWriteError(e.errno, f"cannot write {path} ({e.strerror or e}); free disk space or fix the "
+                             "permissions, then resume with --resume")
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -41,10 +60,13 @@ class Metrics:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if t.json_log:
-            path = run_dir / "metrics.jsonl"
-            if path.exists():  # steps after the starting one are trained again: drop their rows
-                _truncate_after(path, start_step)
-            self.jsonl = open(path, "a", encoding="utf-8")
+            path = self.jsonl_path = run_dir / "metrics.jsonl"
+            try:
+                if start_step and path.is_file():  # steps after the starting one are trained again: drop their rows
+                    _truncate_after(path, start_step)
+                self.jsonl = open(path, "a" if start_step else "w", encoding="utf-8")
+            except OSError as e:
+                raise _write_error(path, e) from None
         if t.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,8 +82,11 @@ class Metrics:
             return
         self.history.append(row)
         if self.jsonl:
-            self.jsonl.write(json.dumps(row) + "\n")
-            self.jsonl.flush()
+            try:
+                self.jsonl.write(json.dumps(row) + "\n")
+                self.jsonl.flush()
+            except OSError as e:
+                raise _write_error(self.jsonl_path, e) from None
         step = row["step"]
         if self.tb:
             for key, value in row.items():
@@ -81,13 +106,20 @@ class Metrics:
         if self.bar:
             self.bar.close()
         if self.jsonl:
-            self.jsonl.close()
+            try:
+                self.jsonl.close()
+            except OSError:  # already reported by log(); the buffer has nowhere to go
+                pass
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
         if self.history:
-            plot_losses(self.history, self.run_dir / "loss_curve.png")
+            path = self.run_dir / "loss_curve.png"
+            try:
+                plot_losses(self.history, path)
+            except OSError as e:
+                raise _write_error(path, e) from None
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

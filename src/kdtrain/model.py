@@ -58,14 +58,18 @@ def llama_config(arch: ArchConfig, std: float = 0.02, pad_id: int = 0, bos_id: i
 
 def load_state_dict(path: str | Path) -> dict:
     """A state dict from .safetensors or a weights-only torch file; never unpickles objects."""
+    from .checkpoint import CheckpointError, safetensors_load, torch_load
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"init.weights file {path} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = safetensors_load(path) if path.suffix == ".safetensors" else torch_load(path)
+    except CheckpointError as e:
+        raise ConfigError(f"init.weights: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"init.weights file {path} is not a state dict (a mapping of names to tensors).")
+    return state
 
 
 INIT_BLOCK = 1 << 22  # elements drawn from one generator

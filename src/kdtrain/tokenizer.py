@@ -62,3 +62,10 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
         raise ConfigError(f"tokenizer {path} has {len(tok)} tokens but the model's vocabulary (arch.vocab_size) "
                           f"is {vocab_size}; set arch.vocab_size={len(tok)} or use the matching tokenizer.")
     return tok
+
+
+def save_for_inference(tok, out_dir: str | Path) -> None:
+    """Save ``tok`` so that a plain ``AutoTokenizer`` call reproduces the training format: every
+    training row starts with BOS (``[BOS] + prompt + response``), so ``tok(text)`` adds BOS and no EOS."""
+    tok.add_bos_token, tok.add_eos_token = True, False
+    tok.save_pretrained(out_dir)

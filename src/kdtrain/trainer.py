@@ -9,8 +9,10 @@ and set the learning rate for the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,18 +20,38 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_checkpoint, model_shape, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, model_shape, read_meta, \
+    save_checkpoint
 from .config import Config, ConfigError, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
-from .metrics import Metrics
-from .model import Distiller, build_student, memory_warning, step_counts
+from .metrics import Metrics, check_tracing
+from .model import Distiller, build_student, materialise, memory_warning, step_counts
 from .teacher import OnlineTeacher, load_teacher_model
 from .tokenizer import load_tokenizer
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, refused resume); the message says why."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C: the current step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path} written. "
+                         "Continue with the same command and --resume.")
+
+
+# Keys that shape the learning-rate schedule or the data stream: changing them on resume is allowed
+# but the run is then not the one the checkpoint was part of.
+SCHEDULE_KEYS = ("train.steps", "optimizer.lr", "optimizer.min_lr_ratio", "optimizer.warmup_steps",
+                 "curriculum.schedule", "train.seq_lengths", "train.micro_batch_size", "train.grad_accum", "train.seed")
+
+
+def _schedule(cfg: Config) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in SCHEDULE_KEYS}
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -79,6 +101,7 @@ class Trainer:
         if t.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs CUDA (a grad scaler on GPU); use fp32 or bf16 on CPU.")
         check_paths(cfg)
+        check_tracing(cfg)
         self.run_dir = Path(cfg.io.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = latest_checkpoint(self.ckpt_dir)
@@ -94,9 +117,11 @@ class Trainer:
         self.val_data = load_dataset(cfg.io.val_shards, self.tokenizer, vocab) if cfg.io.val_shards else None
         self._check_signals(self.train_data)
 
-        # Sharded runs build on the CPU: FSDP2 moves one layer at a time to the GPU as it shards it,
-        # so no GPU ever holds the whole model.
-        self.student = build_student(cfg, "cpu" if self.dist.enabled else self.device)
+        # Sharded runs build on the meta device and each rank fills only its own shards from the
+        # seeded init (``materialise``): no process ever holds the whole model. Weights from a file
+        # are built on the CPU; FSDP2 then moves one layer at a time to the GPU as it shards it.
+        meta = self.dist.enabled and not (cfg.init.weights or cfg.init.base_checkpoint)
+        self.student = build_student(cfg, "meta" if meta else "cpu" if self.dist.enabled else self.device)
         if self.student.get_output_embeddings().weight.shape[0] != vocab:
             raise ConfigError(f"the student's vocabulary ({self.student.get_output_embeddings().weight.shape[0]}) "
                               f"differs from the tokenizer's size ({vocab}) at {cfg.io.tokenizer_path}.")
@@ -108,6 +133,8 @@ class Trainer:
             self.teacher = OnlineTeacher(load_teacher_model(cfg.kd.teacher_path, self.device, dtype), vocab)
         self.model = Distiller(self.student, cfg, self.train_data.topk_temperature)
         self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
+        if meta:
+            materialise(self.student, cfg, "cpu" if t.cpu_offload else self.device)
         if self.device.type == "cuda" and self.dist.rank == 0:
             warning = memory_warning(cfg, self.dist.world_size, torch.cuda.get_device_properties(self.device).total_memory)
             if warning:
@@ -122,7 +149,10 @@ class Trainer:
         self.sampler = Sampler(len(self.train_data), t.seed)
         self.step = 0
         if resume:
-            self._resume(latest)
+            self._resume(self._valid_checkpoint())
+        # Weights + two AdamW moments: a checkpoint must fit before hours of training, not after.
+        p_bytes = dist_utils._local_bytes(list(self.student.parameters()))
+        dist_utils.check_disk_space(self, 3 * p_bytes, "a checkpoint of this model and its optimizer state")
         self.metrics = Metrics(cfg, self.run_dir, t.steps, self.step, enabled=log and self.dist.rank == 0)
 
     # ---- setup checks ----
@@ -269,13 +299,46 @@ class Trainer:
         return state
 
     def _meta(self) -> dict:
-        return {"dataset_fingerprint": self.train_data.fingerprint, "world_size": self.dist.world_size}
+        return {"dataset_fingerprint": self.train_data.fingerprint, "world_size": self.dist.world_size,
+                "arch": dataclasses.asdict(self.cfg.arch), "base_checkpoint": self.cfg.init.base_checkpoint,
+                "schedule": _schedule(self.cfg)}
 
     def save(self) -> Path:
         return dist_utils.save(self, save_checkpoint, self._trainer_state(), self._meta())
 
+    def _valid_checkpoint(self) -> Path:
+        """The newest checkpoint whose manifest checks out; each newer broken one is named in a warning."""
+        problems = []
+        for path in reversed(list_checkpoints(self.ckpt_dir)):
+            problem = dist_utils.verify(self, path)
+            if problem is None:
+                if problems and self.dist.rank == 0:
+                    print(f"warning: resuming from {path.name}, the newest valid checkpoint: "
+                          + "; ".join(problems), file=sys.stderr, flush=True)
+                return path
+            problems.append(f"{path.name} is not usable ({problem})")
+        raise CheckpointError(f"--resume: no valid checkpoint under {self.ckpt_dir}: " + "; ".join(problems)
+                              + ". Start afresh in a new io.output_dir.")
+
+    def _check_resume_config(self, path: Path, meta: dict) -> None:
+        """Refuse what a resume cannot honour (another arch); warn about a changed schedule."""
+        arch = dataclasses.asdict(self.cfg.arch)
+        if not self.cfg.init.base_checkpoint and isinstance(meta.get("arch"), dict):
+            changed = [k for k in arch if meta["arch"].get(k) != arch[k]]
+            if changed:
+                k = changed[0]
+                raise TrainingError(f"cannot resume from {path}: arch.{k} changed (checkpoint {meta['arch'].get(k)}, "
+                                    f"config {arch[k]}). Restore the original arch or start a new io.output_dir.")
+        old, new = meta.get("schedule") or {}, _schedule(self.cfg)
+        changed = [f"{k} {old[k]} -> {new[k]}" for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
+        if changed and self.dist.rank == 0:
+            print(f"warning: resuming {path.name} with {', '.join(changed)}: the learning-rate schedule and data "
+                  "stream now follow the new values, so this is not the run the checkpoint came from (the LR "
+                  "already decayed under the old ones).", file=sys.stderr, flush=True)
+
     def _resume(self, path: Path) -> None:
-        meta = dist_utils.read_meta(path)
+        meta = read_meta(path)
+        self._check_resume_config(path, meta)
         if meta["dataset_fingerprint"] != self.train_data.fingerprint:
             raise TrainingError(f"cannot resume from {path}: it was trained on other data (dataset fingerprint "
                                 "differs). Restore the original io.train_shards or start a new io.output_dir.")
@@ -305,6 +368,7 @@ class Trainer:
         if self.dist.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         rows = []
+        self._signal, previous = None, self._catch_signals()
         try:
             while self.step < stop:
                 seq_len = cfg.seq_len_at(self.step)
@@ -317,7 +381,9 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
-                n_tok = int(self.dist.all_reduce_counts({"tokens": n_tok})["tokens"])
+                # A SIGTERM seen by any rank stops every rank after this same step (one all-reduce).
+                counts = self.dist.all_reduce_counts({"tokens": n_tok, "stop": float(self._signal is not None)})
+                n_tok, stopping = int(counts["tokens"]), counts["stop"] > 0
                 row["tokens"] = n_tok  # all ranks, non-padding (teacher and reference rows)
                 row["tokens_per_s"] = n_tok / dt
                 row["tokens_per_s_per_gpu"] = n_tok / dt / self.dist.world_size
@@ -328,8 +394,29 @@ class Trainer:
                     row.update(self.evaluate())
                 self.metrics.log(row)
                 rows.append(row)
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
-                    self.save()
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last or stopping:
+                    path = self.save()
+                if stopping:
+                    raise Interrupted(self._signal or signal.SIGTERM, self.step, path)
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.metrics.close()
         return rows
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM (a scheduler's notice before preemption) and Ctrl-C finish the current step, which
+        then checkpoints and stops; a second one acts at once. Returns the previous handlers."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def note(signum, frame):
+            self._signal = signum
+            signal.signal(signum, previous[signum])
+
+        for signum in previous:
+            signal.signal(signum, note)
+        return previous
