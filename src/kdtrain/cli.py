@@ -1,4 +1,4 @@
-"""Command line: ``kdtrain make-toy | smoke | train | info | export | annotate``."""
+"""Command line: ``kdtrain make-toy | smoke | train | info | export | annotate | gen-data | serve-teacher``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,36 @@ def cmd_annotate(a) -> int:
     return 0
 
 
+def cmd_gen_data(a) -> int:
+    from dataclasses import fields
+
+    from .gendata import GenConfig, gen_data
+
+    cfg = GenConfig(**{f.name: getattr(a, f.name) for f in fields(GenConfig)})
+    summary = gen_data(cfg)
+    if cfg.dry_run:
+        print(f"dry run: {summary['requests']} requests to send ({summary['already_in_output']} records already in "
+              f"{cfg.out}, {summary['cached']} cached); at most {summary['prompt_tokens_max']:,} prompt tokens "
+              f"({summary['prompt_tokens_from']}) and {summary['completion_tokens_max']:,} completion tokens; "
+              f"cost at most {summary['cost_max']:.4f}. Nothing was sent.")
+        return 0
+    print(f"{summary['records']} of {summary['total']} records in {cfg.out}: {summary['requests']} requests, "
+          f"{summary['cache_hits']} cache hits, {summary['retries']} retries, {summary['errors']} errors, "
+          f"spend {summary['spend']:.4f}" + (f"; stopped: {summary['stopped']}" if summary["stopped"] else ""))
+    return 0
+
+
+def cmd_serve_teacher(a) -> int:
+    import uvicorn
+
+    from .serve import load_app
+
+    app = load_app(a.model_dir, a.tokenizer, a.device, a.max_batch, a.model_name)
+    print(f"serving {a.model_dir} at http://{a.host}:{a.port}/v1 (model name: {app.state.model_name})", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdtrain", description="Knowledge distillation for decoder-only LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +163,48 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-len", type=int, default=4096)
     n.add_argument("--device", default="auto")
     n.set_defaults(fn=cmd_annotate)
+    g = sub.add_parser("gen-data", help="KD JSONL from prompts and a teacher behind an OpenAI-compatible endpoint")
+    g.add_argument("--prompts", nargs="+", required=True, metavar="FILE", help=".jsonl (prompt or messages, "
+                   "optional reference, source) or text, one prompt per line")
+    g.add_argument("--out", required=True, help="the KD JSONL file (appended to; a rerun resumes it)")
+    g.add_argument("--endpoint", required=True,
+                   help="base URL of the chat-completions API, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--model", required=True)
+    g.add_argument("--total", type=int, required=True, help="records to write")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0 samples the teacher's own distribution; 0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sample j of a prompt is sent with seed + j; also seeds --mix")
+    g.add_argument("--system", default=None, help="a system message put before each prompt")
+    g.add_argument("--samples-per-prompt", type=int, default=1)
+    g.add_argument("--mix", default=None, metavar="SOURCE=RATIO,...",
+                   help="draw from the prompt sources in these ratios")
+    g.add_argument("--logprobs", type=int, default=0, metavar="K",
+                   help="store the teacher's token log-probs and top-K alternatives (K <= 20) as teacher_api_logprobs")
+    g.add_argument("--drop-truncated", action="store_true", help="drop responses cut by --max-tokens")
+    g.add_argument("--budget", type=float, default=None, help="stop before spend could exceed this (currency units)")
+    g.add_argument("--price-in", type=float, default=0.0, help="price per million prompt tokens")
+    g.add_argument("--price-out", type=float, default=0.0, help="price per million completion tokens")
+    g.add_argument("--cache-dir", default=None, help="response cache (default: .gen-data-cache beside --out)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--dry-run", action="store_true", help="print the cost upper bound and send nothing")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the teacher's tokenizer, for exact prompt token counts in --dry-run")
+    g.add_argument("--max-retries", type=int, default=5, help="retries of a request on 429, 5xx, timeouts, drops")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one response")
+    g.set_defaults(fn=cmd_gen_data)
+
+    v = sub.add_parser("serve-teacher", help="OpenAI-compatible chat-completions server over a local HF causal LM")
+    v.add_argument("model_dir", help="a local Hugging Face causal LM directory, e.g. toy/teacher")
+    v.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL_DIR)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    v.add_argument("--max-batch", type=int, default=32, help="requests generated together")
+    v.add_argument("--model-name", default=None, help="the name clients ask for (default: MODEL_DIR's name)")
+    v.set_defaults(fn=cmd_serve_teacher)
     return p
 
 

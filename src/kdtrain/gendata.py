@@ -1,0 +1,692 @@
+"""``kdtrain gen-data``: a KD JSONL dataset from prompts and a teacher behind an OpenAI-compatible
+chat-completions endpoint (a hosted model, vLLM, SGLang, Ollama, or ``kdtrain serve-teacher``).
+
+Prompts. Files ending in ``.jsonl`` / ``.json`` hold one object per line with ``prompt`` or
+``messages``, optionally ``reference`` and ``source`` (default: the file's stem); other files
+are plain text, one prompt per line. Prompts whose normalised text (case-folded, whitespace
+collapsed) repeats an earlier one are dropped. Without ``--mix`` the prompts are used in file
+order, each ``--samples-per-prompt`` times (sample ``j`` is sent with seed ``--seed + j``);
+``--mix a=0.7,b=0.3`` splits ``--total`` over the sources by those ratios (largest remainder)
+and draws each source's prompts in an order shuffled with ``--seed``. Asking for more records
+than there are unique prompts × samples is an error, never repetition.
+
+Records. ``id`` is ``source:index:sample`` (``index`` counts the source's prompts in file order),
+so a rerun of the same command finds what is done. Output is append-only KD JSONL v1 after a
+``__header__`` line naming the model, endpoint and sampling settings; records are appended as
+responses arrive and flushed + fsynced every ``FLUSH_EVERY`` records or ``FLUSH_SECONDS``. On a
+rerun, a torn last line is cut off and the ids already present are skipped, so a killed run
+finishes with exactly ``--total`` records. A response cut by ``--max-tokens`` is kept with
+``metadata.truncated`` (``--drop-truncated`` drops it); an empty response is dropped; each
+dropped or failed request is replaced by the next prompt of the plan.
+
+Cache. Every well-formed response is stored under ``--cache-dir`` at the sha256 of (endpoint,
+model, messages, every sampling parameter), written to a temporary file and renamed, so a kill
+or a concurrent writer never leaves a torn entry. A cached response costs nothing and sends no
+request. The API key is not part of the key and is never written anywhere.
+
+Budget. Spend = prompt tokens × ``--price-in`` + completion tokens × ``--price-out`` (per
+million), from the ``usage`` each response reports. A request is sent only if the spend so far
+plus the worst case of every request in flight, including itself, stays within ``--budget``:
+the worst case is ``--max-tokens`` completion tokens and a prompt bound of its UTF-8 bytes +
+``TEMPLATE_TOKENS`` per message (every token of a byte-level BPE or byte-fallback SentencePiece
+covers at least one byte). ``--dry-run`` prints the upper bound of the whole run's cost, with
+exact prompt token counts when ``--tokenizer`` names the teacher's tokenizer, and sends nothing.
+
+Failures. 429, 5xx, timeouts and dropped connections are retried (exponential backoff with
+jitter, or the server's ``Retry-After``) up to ``--max-retries`` times; a request that still
+fails, another 4xx or a malformed body goes to ``OUT.errors.jsonl`` and the run goes on. A 401,
+403 or 404 (bad key, wrong model or URL) stops the run at once; so does a window of recent
+requests that mostly failed. A run that stops before its first record leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import ConfigError
+from .data import DataError
+
+MAX_LOGPROBS = 20  # the OpenAI API's limit on top_logprobs
+TEMPLATE_TOKENS = 16  # prompt-bound allowance per message (and one more for the reply header)
+FLUSH_EVERY, FLUSH_SECONDS = 32, 1.0
+WINDOW, WINDOW_MIN_FAILS = 10, 5  # stop when >= 5 of the last 10 requests failed for good, most of them
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+
+
+@dataclass
+class GenConfig:
+    """The options of ``kdtrain gen-data`` (see ``kdtrain gen-data --help``)."""
+
+    prompts: list[str]
+    out: str
+    endpoint: str
+    model: str
+    total: int
+    concurrency: int = 16
+    max_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    system: str | None = None
+    samples_per_prompt: int = 1
+    mix: str | None = None
+    logprobs: int = 0
+    budget: float | None = None
+    price_in: float = 0.0
+    price_out: float = 0.0
+    cache_dir: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    dry_run: bool = False
+    tokenizer: str | None = None
+    drop_truncated: bool = False
+    max_retries: int = 5
+    timeout: float = 120.0
+
+
+@dataclass
+class Prompt:
+    source: str
+    index: int
+    messages: list[dict]  # as sent, --system included
+    prompt: str | None  # the plain prompt, when the input was one and no --system was added
+    reference: str | None
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    errors: int = 0
+    written: int = 0
+    dropped_empty: int = 0
+    dropped_truncated: int = 0
+    truncated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    spend: float = 0.0
+    stopped: str | None = None
+    error_reasons: Counter = field(default_factory=Counter)
+
+
+class Fatal(Exception):
+    """A failure every further request would repeat (bad key, unknown model or URL)."""
+
+
+# ---------------------------------------------------------------- prompts and plan
+
+
+def _norm(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {' '.join(m['content'].split()).casefold()}" for m in messages)
+
+
+def read_prompts(paths: list[str], system: str | None = None) -> list[Prompt]:
+    """Unique prompts of every file, in order; DataError naming file, line and field on bad input."""
+    prompts, seen, counts = [], set(), Counter()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"prompts file {path} does not exist (--prompts).")
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"prompts file {path} cannot be read as UTF-8 text: {e}.") from None
+        is_jsonl = path.suffix in (".jsonl", ".json")
+        found = 0
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            found += 1
+            where = f"(file {path}, line {line_no})"
+            if is_jsonl:
+                rec = _parse_prompt_line(line, where)
+                source = rec.get("source") or path.stem
+                if "messages" in rec and "prompt" not in rec:
+                    messages, text = rec["messages"], None
+                else:
+                    text = rec["prompt"]
+                    messages = [{"role": "user", "content": text}]
+                reference = rec.get("reference")
+            else:
+                source, text, reference = path.stem, line.strip(), None
+                messages = [{"role": "user", "content": text}]
+            if system is not None and messages[0]["role"] != "system":
+                messages, text = [{"role": "system", "content": system}, *messages], None
+            index = counts[source]
+            counts[source] += 1
+            key = _norm(messages)
+            if key in seen:
+                continue
+            seen.add(key)
+            prompts.append(Prompt(source, index, messages, text, reference))
+        if not found:
+            raise DataError(f"prompts file {path} is empty: add one prompt per line (text) or one JSON object "
+                            "with 'prompt' or 'messages' per line (.jsonl).")
+    return prompts
+
+
+def _parse_prompt_line(line: str, where: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON {where}: {e.msg} at column {e.colno}.") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"line is not a JSON object {where}.")
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            raise DataError(f"field 'prompt' must be a non-empty string {where}.")
+    elif "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise DataError(f"field 'messages' must be a non-empty list of {{role, content}} strings {where}.")
+    else:
+        raise DataError(f"missing field 'prompt' (or 'messages') {where}.")
+    for key in ("reference", "source"):
+        if rec.get(key) is not None and (not isinstance(rec[key], str) or not rec[key].strip()):
+            raise DataError(f"field '{key}' must be a non-empty string {where}.")
+    return rec
+
+
+def _parse_mix(mix: str) -> dict[str, float]:
+    ratios = {}
+    for part in mix.split(","):
+        name, _, value = part.partition("=")
+        try:
+            ratios[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--mix {mix!r}: '{part}' is not source=ratio (e.g. --mix math=0.7,chat=0.3).") from None
+        if not name.strip() or not ratios[name.strip()] > 0:
+            raise ConfigError(f"--mix {mix!r}: '{part}' needs a source name and a ratio > 0.")
+    return ratios
+
+
+def plan(prompts: list[Prompt], total: int, samples: int, mix: str | None, seed: int) -> list[tuple[Prompt, int]]:
+    """Every (prompt, sample) the run may use, in order: the first ``total`` that succeed make the dataset."""
+    if not mix:
+        if total > len(prompts) * samples:
+            raise DataError(f"--total {total} needs more records than the prompts give: {len(prompts)} unique "
+                            f"prompts × --samples-per-prompt {samples} = {len(prompts) * samples}; add prompts "
+                            "or raise --samples-per-prompt.")
+        return [(p, j) for p in prompts for j in range(samples)]
+    ratios = _parse_mix(mix)
+    by_source: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_source.setdefault(p.source, []).append(p)
+    unknown = sorted(set(ratios) - set(by_source))
+    if unknown:
+        raise ConfigError(f"--mix names source(s) {', '.join(unknown)} that no prompt has; the sources are "
+                          f"{', '.join(sorted(by_source))} (a JSONL 'source' field, else the file's stem).")
+    scale = total / sum(ratios.values())
+    quota = {s: int(r * scale) for s, r in ratios.items()}
+    for s in sorted(ratios, key=lambda s: (quota[s] - ratios[s] * scale, s))[: total - sum(quota.values())]:
+        quota[s] += 1  # largest remainder
+    jobs = []
+    for s in sorted(ratios):
+        pool = list(by_source[s])
+        random.Random(f"{seed}:{s}").shuffle(pool)
+        if quota[s] > len(pool) * samples:
+            raise DataError(f"--mix gives source '{s}' {quota[s]} of --total {total} records but it has "
+                            f"{len(pool)} unique prompts × --samples-per-prompt {samples} = {len(pool) * samples}; "
+                            "add prompts, lower its ratio or raise --samples-per-prompt.")
+        jobs.append([(p, j) for p in pool for j in range(samples)])
+    # Interleave the sources by their ratios, so replacements for dropped records keep the mix.
+    order = sorted(((i + 0.5) / quota[s] if quota[s] else float("inf"), s, i) for s, lst in zip(sorted(ratios), jobs)
+                   for i in range(len(lst)))
+    lookup = dict(zip(sorted(ratios), jobs))
+    return [lookup[s][i] for _, s, i in order]
+
+
+# ---------------------------------------------------------------- cache and output
+
+
+def sampling_params(cfg: GenConfig, sample: int) -> dict:
+    params = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+              "seed": cfg.seed + sample}
+    if cfg.logprobs:
+        params.update(logprobs=True, top_logprobs=cfg.logprobs)
+    return params
+
+
+def cache_key(endpoint: str, model: str, messages: list[dict], params: dict) -> str:
+    blob = json.dumps({"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Cache:
+    """One JSON file per response, named by its key; written to a temporary file and renamed."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._path(key).read_bytes())
+        except (FileNotFoundError, json.JSONDecodeError):  # absent, or not written through (power loss)
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entry, f, ensure_ascii=False)
+        os.replace(tmp, path)
+
+
+class Output:
+    """The append-only KD JSONL file: created with its header at the first record, flushed in batches."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = path, header
+        self.ids: set[str] = set()
+        self.pending: list[str] = []
+        self.last_flush = time.monotonic()
+        self.f = None
+        if path.exists():
+            self._resume()
+
+    def _resume(self) -> None:
+        raw = self.path.read_bytes()
+        keep = raw[: raw.rfind(b"\n") + 1]  # a line without its newline was torn by a kill
+        lines = keep.decode("utf-8").split("\n")[:-1] if keep else []
+        try:
+            head = json.loads(lines[0])["__header__"] if lines else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            head = None
+        if head != self.header:
+            raise ConfigError(f"{self.path} exists but was not written by gen-data with this --endpoint, --model and "
+                              "sampling settings; choose another --out or remove the file.")
+        for n, line in enumerate(lines[1:], start=2):
+            try:
+                self.ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{self.path} line {n} is not a gen-data record; the file was edited or written "
+                                "by something else: choose another --out.") from None
+        if len(keep) != len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(keep))
+
+    def add(self, rec: dict) -> None:
+        self.ids.add(rec["id"])
+        self.pending.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        if len(self.pending) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.f is None:
+            new = not self.path.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a", encoding="utf-8")
+            if new:
+                self.f.write(json.dumps({"__header__": self.header}) + "\n")
+        self.f.write("".join(self.pending))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self.f is not None:
+            self.f.close()
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def prompt_bound(messages: list[dict]) -> int:
+    """An upper bound on the prompt's tokens for byte-covering tokenizers (see the module docstring)."""
+    return sum(len(m["content"].encode()) + TEMPLATE_TOKENS for m in messages) + TEMPLATE_TOKENS
+
+
+def _cost(cfg: GenConfig, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
+
+
+def _retry_after(e) -> float | None:
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return float(headers[name]) * scale
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _check_body(body) -> str | None:
+    """Why a chat-completions body is unusable, or None."""
+    try:
+        choice = body["choices"][0]
+        if not isinstance(choice["message"]["content"], (str, type(None))):
+            return "message.content is not a string"
+    except (KeyError, IndexError, TypeError):
+        return "no choices[0].message.content"
+    return None
+
+
+async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, stats: Stats, redact):
+    """(body, latency) or (None, reason) after retries; raises Fatal for failures every request would repeat."""
+    import openai
+
+    for attempt in range(cfg.max_retries + 1):
+        t0 = time.monotonic()
+        wait = None
+        try:
+            stats.requests += 1
+            raw = await client.chat.completions.with_raw_response.create(model=cfg.model, messages=messages, **params)
+            try:
+                body = json.loads(raw.http_response.content)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return None, f"malformed JSON body from the endpoint: {e}"
+            why = _check_body(body)
+            return (body, time.monotonic() - t0) if why is None else (None, f"malformed response: {why}")
+        except openai.AuthenticationError as e:
+            where = "" if os.environ.get(cfg.api_key_env) else " (it is not set)"
+            raise Fatal(f"the endpoint rejected the API key (401: {redact(e.message)}): set the environment "
+                        f"variable {cfg.api_key_env} (--api-key-env){where} to a valid key.") from None
+        except openai.PermissionDeniedError as e:
+            raise Fatal(f"the endpoint refused access (403: {redact(e.message)}): check the key in "
+                        f"{cfg.api_key_env} and its permissions for --model {cfg.model}.") from None
+        except openai.NotFoundError as e:
+            raise Fatal(f"the endpoint answered 404 ({redact(e.message)}): check --model {cfg.model} (the models "
+                        f"the endpoint serves are at {cfg.endpoint.rstrip('/')}/models) and --endpoint "
+                        "(it should end in /v1).") from None
+        except (openai.RateLimitError, openai.InternalServerError) as e:
+            reason, wait = f"{e.status_code}: {redact(e.message)}", _retry_after(e)
+        except openai.APIStatusError as e:
+            if e.status_code < 500 and e.status_code not in (408, 409):
+                return None, f"{e.status_code}: {redact(e.message)}"
+            reason, wait = f"{e.status_code}: {redact(e.message)}", _retry_after(e)
+        except openai.APITimeoutError:
+            reason = f"no answer within --timeout {cfg.timeout} s"
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            reason = f"connection failed ({type(cause).__name__}: {redact(str(cause))})"
+        if attempt == cfg.max_retries:
+            return None, f"{reason} (after {attempt + 1} attempts)"
+        stats.retries += 1
+        if wait is None:
+            wait = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+        else:
+            wait *= random.uniform(1.0, 1.1)
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Run:
+    """One gen-data run: the plan, the output, the cache, the counters."""
+
+    def __init__(self, cfg: GenConfig, jobs: list[tuple[Prompt, int]]):
+        self.cfg = cfg
+        self.host = urlparse(cfg.endpoint).netloc or cfg.endpoint
+        header = {"format": "kd-jsonl-v1", "generator": "kdtrain gen-data", "model": cfg.model,
+                  "endpoint_host": self.host, "sampling": sampling_params(cfg, 0)}
+        self.out = Output(Path(cfg.out), header)
+        self.errors_path = Path(cfg.out).with_name(Path(cfg.out).name + ".errors.jsonl")
+        self.cache = Cache(Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / ".gen-data-cache")
+        self.stats = Stats()
+        self.already = len(self.out.ids)
+        self.jobs = [(p, j) for p, j in jobs if self._id(p, j) not in self.out.ids]
+        self.warned_logprobs = False
+        self.recent: deque[bool] = deque(maxlen=WINDOW)
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _id(p: Prompt, j: int) -> str:
+        return f"{p.source}:{p.index}:{j}"
+
+    def _key(self, p: Prompt, j: int) -> str:
+        return cache_key(self.cfg.endpoint, self.cfg.model, p.messages, sampling_params(self.cfg, j))
+
+    def _record(self, p: Prompt, j: int, entry: dict, cached: bool) -> dict | None:
+        """The KD JSONL record of a response, or None when it is dropped."""
+        body = entry["response"]
+        choice = body["choices"][0]
+        text, finish, usage = choice["message"]["content"] or "", choice.get("finish_reason"), body.get("usage")
+        if not text.strip():
+            self.stats.dropped_empty += 1
+            return None
+        truncated = finish == "length"
+        if truncated and self.cfg.drop_truncated:
+            self.stats.dropped_truncated += 1
+            return None
+        self.stats.truncated += truncated
+        rec = {"id": self._id(p, j)}
+        rec.update({"prompt": p.prompt} if p.prompt is not None else {"messages": p.messages})
+        rec["teacher_text"] = text
+        if p.reference is not None:
+            rec["reference"] = p.reference
+        if self.cfg.logprobs:
+            content = (choice.get("logprobs") or {}).get("content")
+            if content:
+                rec["teacher_api_logprobs"] = content
+            elif not self.warned_logprobs:
+                self.warned_logprobs = True
+                print(f"warning: the endpoint returned no logprobs for --logprobs {self.cfg.logprobs}; "
+                      "writing text-only records.", flush=True)
+        rec["metadata"] = {"source": p.source, "model": self.cfg.model, "endpoint_host": self.host,
+                           "sampling": sampling_params(self.cfg, j), "usage": usage, "finish_reason": finish,
+                           "truncated": truncated, "latency_s": entry["latency_s"], "timestamp": entry["timestamp"],
+                           "cached": cached}
+        return rec
+
+    def _accept(self, p: Prompt, j: int, entry: dict, cached: bool) -> None:
+        rec = self._record(p, j, entry, cached)
+        if rec is not None:
+            self.out.add(rec)
+            self.stats.written += 1
+
+    def _charge(self, body: dict) -> None:
+        usage = body.get("usage") or {}
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if not isinstance(pt, int) or not isinstance(ct, int):
+            if self.cfg.budget is not None:
+                raise Fatal("the endpoint reports no usage (prompt_tokens, completion_tokens), so spend cannot be "
+                            "measured: drop --budget for this endpoint.")
+            return
+        self.stats.prompt_tokens += pt
+        self.stats.completion_tokens += ct
+        self.stats.spend += _cost(self.cfg, pt, ct)
+
+    def _fail(self, p: Prompt, j: int, reason: str) -> None:
+        self.stats.errors += 1
+        self.stats.error_reasons[reason.split(" (after")[0][:120]] += 1
+        _append_jsonl(self.errors_path, {"id": self._id(p, j), "source": p.source, "reason": reason,
+                                         "timestamp": datetime.now(timezone.utc).isoformat()})
+        self.recent.append(False)
+        fails = self.recent.count(False)
+        if fails >= WINDOW_MIN_FAILS and fails > len(self.recent) / 2:
+            common = self.stats.error_reasons.most_common(1)[0][0]
+            raise Fatal(f"{fails} of the last {len(self.recent)} requests failed (most often: {common}); "
+                        f"check --endpoint {self.cfg.endpoint} and --model {self.cfg.model}. Details in "
+                        f"{self.errors_path}.")
+
+    async def run(self, client, bar, redact) -> None:
+        cfg, stats = self.cfg, self.stats
+        pending = deque(self.jobs)
+        in_flight: dict[asyncio.Task, tuple[Prompt, int, str, float]] = {}
+        reserved = 0.0
+        try:
+            while True:
+                while pending and len(in_flight) < cfg.concurrency and \
+                        self.already + stats.written + len(in_flight) < cfg.total:
+                    p, j = pending[0]
+                    key = self._key(p, j)
+                    entry = self.cache.get(key)
+                    if entry is not None:
+                        pending.popleft()
+                        stats.cache_hits += 1
+                        self._accept(p, j, entry, cached=True)
+                        bar.update(self.already + stats.written - bar.n)
+                        continue
+                    worst = _cost(cfg, prompt_bound(p.messages), cfg.max_tokens)
+                    if cfg.budget is not None and stats.spend + reserved + worst > cfg.budget:
+                        if not in_flight:
+                            stats.stopped = "budget"
+                        break
+                    pending.popleft()
+                    reserved += worst
+                    task = asyncio.create_task(_request(client, cfg, p.messages, sampling_params(cfg, j), stats,
+                                                        redact))
+                    in_flight[task] = (p, j, key, worst)
+                if not in_flight:
+                    break
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    p, j, key, worst = in_flight.pop(task)
+                    reserved -= worst
+                    body, info = task.result()
+                    if body is None:
+                        self._fail(p, j, info)
+                        continue
+                    self.recent.append(True)
+                    self._charge(body)
+                    entry = {"response": body, "latency_s": round(info, 4),
+                             "timestamp": datetime.now(timezone.utc).isoformat()}
+                    self.cache.put(key, entry)
+                    self._accept(p, j, entry, cached=False)
+                bar.update(self.already + stats.written - bar.n)
+                bar.set_postfix_str(self._postfix(), refresh=False)
+            if stats.stopped is None and self.already + stats.written < cfg.total:
+                stats.stopped = "out of prompts"
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            self.out.close()
+
+    def _postfix(self) -> str:
+        s, dt = self.stats, max(time.monotonic() - self.t0, 1e-9)
+        return (f"req/s {s.requests / dt:.1f} tok/s {(s.prompt_tokens + s.completion_tokens) / dt:.0f} "
+                f"spend {s.spend:.4f} cache {s.cache_hits} retries {s.retries} errors {s.errors}")
+
+    def summary(self) -> dict:
+        s, dt = self.stats, time.monotonic() - self.t0
+        return {"out": str(self.cfg.out), "records": len(self.out.ids), "total": self.cfg.total,
+                "written_now": s.written, "requests": s.requests, "cache_hits": s.cache_hits, "retries": s.retries,
+                "errors": s.errors, "errors_file": str(self.errors_path) if s.errors else None,
+                "dropped_empty": s.dropped_empty, "dropped_truncated": s.dropped_truncated,
+                "truncated": s.truncated, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                "spend": s.spend, "budget": self.cfg.budget, "price_in": self.cfg.price_in,
+                "price_out": self.cfg.price_out, "elapsed_s": round(dt, 3),
+                "requests_per_s": round(s.requests / dt, 3) if dt else None,
+                "tokens_per_s": round((s.prompt_tokens + s.completion_tokens) / dt, 1) if dt else None,
+                "stopped": s.stopped, "sampling": sampling_params(self.cfg, 0), "model": self.cfg.model,
+                "endpoint_host": self.host}
+
+
+def _validate(cfg: GenConfig) -> None:
+    checks = [
+        (cfg.total >= 1, f"--total must be at least 1, got {cfg.total}."),
+        (cfg.concurrency >= 1, f"--concurrency must be at least 1, got {cfg.concurrency}."),
+        (cfg.max_tokens >= 1, f"--max-tokens must be at least 1, got {cfg.max_tokens}."),
+        (0 <= cfg.temperature <= 2, f"--temperature must be in [0, 2], got {cfg.temperature}."),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}."),
+        (cfg.samples_per_prompt >= 1, f"--samples-per-prompt must be at least 1, got {cfg.samples_per_prompt}."),
+        (0 <= cfg.logprobs <= MAX_LOGPROBS, f"--logprobs must be in [0, {MAX_LOGPROBS}] (the API's limit), got "
+                                            f"{cfg.logprobs}."),
+        (cfg.price_in >= 0 and cfg.price_out >= 0, "--price-in and --price-out must be >= 0 (per million tokens)."),
+        (cfg.budget is None or cfg.budget >= 0, f"--budget must be >= 0, got {cfg.budget}."),
+        (cfg.budget is None or cfg.price_in > 0 or cfg.price_out > 0,
+         "--budget needs --price-in and/or --price-out (per million tokens) to measure spend."),
+        (cfg.max_retries >= 0, f"--max-retries must be >= 0, got {cfg.max_retries}."),
+        (cfg.timeout > 0, f"--timeout must be > 0 seconds, got {cfg.timeout}."),
+        (urlparse(cfg.endpoint).scheme in ("http", "https"),
+         f"--endpoint {cfg.endpoint!r} must be an http(s) URL, e.g. http://127.0.0.1:8000/v1."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def dry_run(cfg: GenConfig, run: Run) -> dict:
+    """The upper bound of the run's cost; nothing is sent or written."""
+    todo = run.jobs[: max(cfg.total - run.already, 0)]
+    tok = None
+    if cfg.tokenizer:
+        from .data import _render_prompt
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+    cached = sum(run.cache.get(run._key(p, j)) is not None for p, j in todo)
+    prompt_tokens = 0
+    for p, j in todo:
+        if run.cache.get(run._key(p, j)) is None:
+            prompt_tokens += (len(_render_prompt({"messages": p.messages}, tok, "prompts", 0)) if tok else
+                              prompt_bound(p.messages))
+    sends = len(todo) - cached
+    info = {"records_planned": cfg.total, "already_in_output": run.already, "cached": cached, "requests": sends,
+            "prompt_tokens_max": prompt_tokens, "completion_tokens_max": sends * cfg.max_tokens,
+            "prompt_tokens_from": f"tokenizer {cfg.tokenizer}" if tok else
+            f"UTF-8 bytes + {TEMPLATE_TOKENS} per message (an upper bound)",
+            "cost_max": _cost(cfg, prompt_tokens, sends * cfg.max_tokens)}
+    return info
+
+
+def gen_data(cfg: GenConfig) -> dict:
+    """Run ``kdtrain gen-data``; returns the summary (also saved as ``OUT.summary.json``)."""
+    _validate(cfg)
+    jobs = plan(read_prompts(cfg.prompts, cfg.system), cfg.total, cfg.samples_per_prompt, cfg.mix, cfg.seed)
+    run = Run(cfg, jobs)
+    if cfg.dry_run:
+        return dry_run(cfg, run)
+    key = os.environ.get(cfg.api_key_env)
+
+    def redact(text: str) -> str:  # servers may echo the key in an error message
+        return text.replace(key, "***") if key else text
+
+    async def main():
+        import openai
+        from tqdm import tqdm
+
+        # Local servers need no key, but the client insists on one.
+        client = openai.AsyncOpenAI(api_key=key or "unset", base_url=cfg.endpoint, max_retries=0, timeout=cfg.timeout)
+        with tqdm(total=cfg.total, initial=run.already, unit="rec", desc="gen-data", mininterval=0.5) as bar:
+            try:
+                await run.run(client, bar, redact)
+            finally:
+                await client.close()
+
+    try:
+        asyncio.run(main())
+    except Fatal as e:
+        run.stats.stopped = "failures"
+        if run.out.path.exists():
+            _write_json(run.out.path.with_name(run.out.path.name + ".summary.json"), run.summary())
+        raise ConfigError(f"{e} Stopped with {len(run.out.ids)} of {cfg.total} records in {cfg.out}.") from None
+    summary = run.summary()
+    if run.out.path.exists():
+        _write_json(run.out.path.with_name(run.out.path.name + ".summary.json"), summary)
+    return summary

@@ -1,0 +1,355 @@
+"""``kdtrain gen-data`` against real uvicorn servers on 127.0.0.1 with the official ``openai`` client:
+the toy teacher (``serve-teacher``'s app) or a model-free deterministic app, each behind a fault
+layer that counts requests and injects 429 / 500 / timeouts / malformed bodies / dropped
+connections / 401."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from kdtrain.cli import main  # noqa: E402
+from kdtrain.data import load_dataset  # noqa: E402
+from kdtrain.gendata import plan, read_prompts  # noqa: E402
+from loopback import Faults, fake_chat_app, serve  # noqa: E402
+
+KEY = "sk-test-6f1d2c9e8a7b4d3c"
+
+
+@pytest.fixture(scope="module")
+def toy_server(toy):
+    from kdtrain.serve import load_app
+
+    faults = Faults(load_app(toy["teacher"], toy["tokenizer"], "cpu", max_batch=16, model_name="toy"), key=KEY)
+    with serve(faults) as url:
+        yield url, faults
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    faults = Faults(fake_chat_app(), key=KEY, delay=1.5)
+    with serve(faults) as url:
+        yield url, faults
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("KD_TEST_KEY", KEY)
+
+
+def _prompts(path: Path, n: int, start: int = 0) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i + 1}?", "reference": str(2 * i + 1)}) + "\n"
+                            for i in range(start, start + n)), encoding="utf-8")
+    return path
+
+
+def _gen(url, prompts, out, total, *extra) -> list[str]:
+    return ["gen-data", "--prompts", *map(str, prompts), "--out", str(out), "--endpoint", url, "--total", str(total),
+            "--api-key-env", "KD_TEST_KEY", *map(str, extra)]
+
+
+def _records(out: Path) -> list[dict]:
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""  # every line complete
+    recs = [json.loads(line) for line in lines[:-1]]
+    assert "__header__" in recs[0]
+    return recs[1:]
+
+
+@pytest.mark.smoke
+def test_toy_pipeline_serve_gen_data_train(toy_server, toy, tmp_path, make_cfg):
+    url, faults = toy_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "prompts.jsonl", 30)
+    out = tmp_path / "kd.jsonl"
+    assert main(_gen(url, [prompts], out, 24, "--model", "toy", "--max-tokens", 8, "--concurrency", 8,
+                     "--logprobs", 2)) == 0
+    recs = _records(out)
+    assert len(recs) == 24 and len({r["id"] for r in recs}) == 24
+    assert faults.count == 24
+    assert all(r["teacher_text"].strip() and r["reference"] and r["metadata"]["usage"] for r in recs)
+    from kdtrain.tokenizer import load_tokenizer
+
+    assert len(load_dataset([out], load_tokenizer(toy["tokenizer"]), 32000)) == 24
+    cfg = make_cfg(f"io.train_shards=[{out}]", f"io.val_shards=[{out}]", "train.steps=3", "kd.teacher=none",
+                   "distillation.kl_weight=0", "distillation.ce_ground_truth_weight=0")
+    from kdtrain.trainer import Trainer
+
+    rows = Trainer(cfg).fit()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["ce_teacher"] > 0 for r in rows)
+
+
+def test_prompts_dedup_sources_ids_and_formats(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("Hello  there\n\nsecond prompt\nhello there\n", encoding="utf-8")
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps({"prompt": "SECOND   prompt"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "source": "chat", "reference": "yo"}) + "\n", encoding="utf-8")
+    ps = read_prompts([a, b], system="Be brief.")
+    assert [(p.source, p.index) for p in ps] == [("a", 0), ("a", 1), ("chat", 0)]
+    assert ps[2].reference == "yo" and ps[2].prompt is None
+    assert ps[0].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello  there"}]
+    assert [p.prompt for p in read_prompts([a])] == ["Hello  there", "second prompt"]
+
+
+def test_mix_splits_total_by_ratio_seeded(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{s} question {i}", "source": s}) + "\n"
+                         for s, n in (("math", 40), ("chat", 40), ("code", 10)) for i in range(n)), encoding="utf-8")
+    prompts = read_prompts([f])
+    jobs = plan(prompts, 20, 1, "math=0.5,chat=0.3,code=0.2", seed=3)
+    first = [p.source for p, _ in jobs[:20]]
+    assert {s: first.count(s) for s in set(first)} == {"math": 10, "chat": 6, "code": 4}
+    assert [p.index for p, _ in jobs] == [p.index for p, _ in plan(prompts, 20, 1, "math=0.5,chat=0.3,code=0.2", 3)]
+    assert [p.index for p, _ in jobs] != [p.index for p, _ in plan(prompts, 20, 1, "math=0.5,chat=0.3,code=0.2", 4)]
+    with pytest.raises(Exception, match="source 'code' 20 of --total 40 .* 10 unique prompts"):
+        plan(prompts, 40, 1, "math=1,code=1", 0)
+    with pytest.raises(Exception, match="--mix names source.*poetry"):
+        plan(prompts, 10, 1, "poetry=1", 0)
+    with pytest.raises(Exception, match="--total 91 .* 90 unique prompts"):
+        plan(prompts, 91, 1, None, 0)
+    assert len(plan(prompts, 91, 2, None, 0)) == 180
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "no-prompt", "total0", "budget", "few"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
+    good = _prompts(tmp_path / "p.jsonl", 3)
+    bad = tmp_path / "bad.jsonl"
+    args = {"missing": ([tmp_path / "nope.txt"], 2), "empty": ([bad], 2), "malformed": ([good, bad], 2),
+            "no-prompt": ([bad], 2), "total0": ([good], 0), "budget": ([good], 2), "few": ([good], 4)}[case]
+    bad.write_text({"empty": "\n\n", "malformed": '{"prompt": "a"}\n{"prompt": "b"\n',
+                    "no-prompt": '{"text": "a"}\n'}.get(case, ""), encoding="utf-8")
+    extra = ["--budget", "ten", "--price-in", "1"] if case == "budget" else []
+    out = tmp_path / "out.jsonl"
+    expect = {"missing": "nope.txt does not exist", "empty": "bad.jsonl is empty", "malformed": "line 2)",
+              "no-prompt": "missing field 'prompt'", "total0": "--total must be at least 1",
+              "budget": "--budget: invalid float value: 'ten'", "few": "--total 4 needs more"}[case]
+    try:
+        code = main(_gen("http://127.0.0.1:9/v1", args[0], out, args[1], "--model", "m", *extra))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expect in err
+    if case == "malformed":
+        assert str(bad) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.jsonl", "bad.jsonl"])
+
+
+@pytest.mark.smoke
+def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys):
+    url, faults = fake_server
+    prompts = _prompts(tmp_path / "p.jsonl", 10)
+    out = tmp_path / "out.jsonl"
+    faults.reset("429", "500", "drop", "timeout", "malformed")
+    args = _gen(url, [prompts], out, 5, "--model", "m", "--concurrency", 1, "--timeout", 0.5, "--temperature", 0)
+    assert main(args) == 0
+    recs = _records(out)
+    assert len(recs) == 5 and len({r["id"] for r in recs}) == 5
+    # 4 retried faults + 1 malformed body (logged, replaced by the next prompt) + 5 good answers.
+    assert faults.count == 10
+    assert faults.times[1] - faults.times[0] >= 1.0  # Retry-After: 1 honoured
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert (summary["retries"], summary["errors"], summary["requests"]) == (4, 1, 10)
+    errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "malformed" in errors[0]["reason"]
+    assert errors[0]["id"] not in {r["id"] for r in recs}
+
+
+@pytest.mark.parametrize("case", ["bad-key", "wrong-model", "dead-endpoint", "most-fail"])
+def test_failures_every_request_repeats_stop_once_and_write_nothing(case, fake_server, toy_server, tmp_path, capsys,
+                                                                    monkeypatch):
+    url, faults = toy_server if case == "wrong-model" else fake_server
+    faults.reset(*(["echo-key"] * 20 if case == "most-fail" else []))
+    if case == "bad-key":
+        monkeypatch.setenv("KD_TEST_KEY", "sk-wrong-key")
+    prompts = _prompts(tmp_path / "p.jsonl", 20)
+    endpoint = "http://127.0.0.1:9/v1" if case == "dead-endpoint" else url
+    model = "nope" if case == "wrong-model" else "m"
+    code = main(_gen(endpoint, [prompts], tmp_path / "out.jsonl", 5, "--model", model, "--max-retries", 1,
+                     "--concurrency", 2))
+    assert code == 2
+    err = capsys.readouterr().err
+    expect = {"bad-key": "set the environment variable KD_TEST_KEY", "wrong-model": "check --model nope",
+              "dead-endpoint": "connection failed", "most-fail": "of the last"}[case]
+    assert expect in err and "Stopped with 0 of 5 records" in err
+    assert err.count("error:") == 1
+    if case in ("bad-key", "wrong-model"):
+        assert faults.count <= 2  # stopped at the first answer (two were in flight)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["out.jsonl.errors.jsonl", "p.jsonl"] if case in ("dead-endpoint", "most-fail") else ["p.jsonl"])
+    assert KEY not in err
+
+
+@pytest.mark.smoke
+def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp_path, capsys):
+    url, faults = toy_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "p.jsonl", 30)
+    out = tmp_path / "out.jsonl"
+    # Worst case of one request: prompt bound (UTF-8 bytes + 16 per message + 16) and 8 completion tokens.
+    price_in, price_out = 1000.0, 20000.0
+    worst = ((len("What is 10 + 11?") + 32) * price_in + 8 * price_out) / 1e6
+    budget = 5.5 * worst
+    assert main(_gen(url, [prompts], out, 30, "--model", "toy", "--max-tokens", 8, "--concurrency", 4,
+                     "--budget", budget, "--price-in", price_in, "--price-out", price_out)) == 0
+    recs = _records(out)
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    spend = sum(r["metadata"]["usage"]["prompt_tokens"] * price_in + r["metadata"]["usage"]["completion_tokens"]
+                * price_out for r in recs) / 1e6
+    assert summary["spend"] == pytest.approx(spend, rel=1e-12)
+    assert spend <= budget
+    assert 5 <= len(recs) < 30 and faults.count == len(recs)
+    assert summary["stopped"] == "budget"
+    assert "stopped: budget" in capsys.readouterr().out
+
+
+@pytest.mark.smoke
+def test_warm_cache_rerun_sends_nothing(toy_server, tmp_path):
+    url, faults = toy_server
+    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    args = ["--model", "toy", "--max-tokens", 6, "--cache-dir", tmp_path / "cache", "--temperature", 0.8]
+    faults.reset()
+    assert main(_gen(url, [prompts], tmp_path / "a.jsonl", 12, *args)) == 0
+    assert faults.count == 12
+    assert main(_gen(url, [prompts], tmp_path / "a.jsonl", 12, *args)) == 0  # the same command again
+    assert main(_gen(url, [prompts], tmp_path / "b.jsonl", 12, *args)) == 0  # a fresh output, same cache
+    assert faults.count == 12
+    text = {r["id"]: r["teacher_text"] for r in _records(tmp_path / "a.jsonl")}
+    assert {r["id"]: r["teacher_text"] for r in _records(tmp_path / "b.jsonl")} == text
+    assert all(r["metadata"]["cached"] for r in _records(tmp_path / "b.jsonl"))
+    summary = json.loads((tmp_path / "b.jsonl.summary.json").read_text())
+    assert (summary["requests"], summary["cache_hits"], summary["spend"]) == (0, 12, 0.0)
+    # Another sampling parameter is another key.
+    assert main(_gen(url, [prompts], tmp_path / "c.jsonl", 2, *args, "--top-p", 0.9)) == 0
+    assert faults.count == 14
+
+
+@pytest.mark.smoke
+def test_temperature_zero_is_deterministic_and_logprobs_have_k_alternatives(toy_server, tmp_path):
+    url, faults = toy_server
+    prompts = _prompts(tmp_path / "p.jsonl", 10)
+    runs = []
+    for name, conc in (("a", 1), ("b", 8)):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(_gen(url, [prompts], out, 10, "--model", "toy", "--max-tokens", 6, "--temperature", 0,
+                         "--concurrency", conc, "--logprobs", 3, "--cache-dir", tmp_path / f"cache-{name}")) == 0
+        runs.append({r["id"]: r for r in _records(out)})
+    assert {i: r["teacher_text"] for i, r in runs[0].items()} == {i: r["teacher_text"] for i, r in runs[1].items()}
+    for rec in runs[0].values():
+        lps = rec["teacher_api_logprobs"]
+        assert len(lps) == rec["metadata"]["usage"]["completion_tokens"] - (rec["metadata"]["finish_reason"] == "stop")
+        assert "".join(t["token"] for t in lps).lstrip(" ") == rec["teacher_text"]
+        for t in lps:
+            assert len(t["top_logprobs"]) == 3 and bytes(t["bytes"]).decode() == t["token"]
+            assert t["top_logprobs"][0]["logprob"] == t["logprob"] <= 0  # greedy: the top token
+            assert [a["logprob"] for a in t["top_logprobs"]] == sorted((a["logprob"] for a in t["top_logprobs"]),
+                                                                       reverse=True)
+
+
+def test_endpoint_without_logprobs_warns_once_and_writes_text(tmp_path, capsys):
+    faults = Faults(fake_chat_app(logprobs=False))
+    prompts = _prompts(tmp_path / "p.jsonl", 4)
+    with serve(faults) as url:
+        assert main(_gen(url, [prompts], tmp_path / "o.jsonl", 4, "--model", "m", "--logprobs", 5)) == 0
+    assert capsys.readouterr().out.count("returned no logprobs") == 1
+    assert all("teacher_api_logprobs" not in r for r in _records(tmp_path / "o.jsonl"))
+
+
+def test_dropped_and_truncated_responses(fake_server, tmp_path):
+    url, faults = fake_server
+    faults.reset()
+    p = tmp_path / "p.txt"
+    p.write_text("one\nEMPTY two\nLONG three\nfour\nfive\n", encoding="utf-8")
+    assert main(_gen(url, [p], tmp_path / "a.jsonl", 3, "--model", "m", "--max-tokens", 2, "--concurrency", 1)) == 0
+    recs = _records(tmp_path / "a.jsonl")
+    assert [r["prompt"] for r in recs] == ["one", "LONG three", "four"]
+    assert [r["metadata"]["truncated"] for r in recs] == [False, True, False]
+    assert main(_gen(url, [p], tmp_path / "b.jsonl", 3, "--model", "m", "--max-tokens", 2, "--concurrency", 1,
+                     "--drop-truncated")) == 0
+    assert [r["prompt"] for r in _records(tmp_path / "b.jsonl")] == ["one", "four", "five"]
+    summary = json.loads((tmp_path / "b.jsonl.summary.json").read_text())
+    assert (summary["dropped_empty"], summary["dropped_truncated"]) == (1, 1)
+
+
+def test_dry_run_bounds_the_cost_and_sends_nothing(fake_server, tmp_path, tokenizer, toy, capsys):
+    url, faults = fake_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "p.jsonl", 6)
+    args = _gen(url, [prompts], tmp_path / "o.jsonl", 6, "--model", "m", "--max-tokens", 10, "--price-in", 2,
+                "--price-out", 4, "--dry-run")
+    assert main([*args, "--tokenizer", str(toy["tokenizer"])]) == 0
+    n_prompt = sum(len(tokenizer.encode(f"user: What is {i} + {i + 1}?")) for i in range(6))  # BOS included
+    expect = (n_prompt * 2 + 6 * 10 * 4) / 1e6
+    assert f"cost at most {expect:.4f}" in capsys.readouterr().out
+    assert main(args) == 0  # without a tokenizer: the byte bound, never below the exact count
+    bound = float(re.search(r"cost at most ([0-9]+\.[0-9]+)", capsys.readouterr().out).group(1))
+    assert bound >= expect
+    assert faults.count == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+@pytest.mark.smoke
+def test_api_key_is_never_written(toy_server, tmp_path, capsys):
+    url, faults = toy_server
+    faults.reset("echo-key")
+    prompts = _prompts(tmp_path / "p.jsonl", 6)
+    assert main(_gen(url, [prompts], tmp_path / "o.jsonl", 5, "--model", "toy", "--max-tokens", 4,
+                     "--cache-dir", tmp_path / "cache", "--concurrency", 1)) == 0
+    assert (tmp_path / "o.jsonl.errors.jsonl").exists()  # the echoed key went through the errors file
+    captured = capsys.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 9  # prompts, output, summary, errors, 5 cache entries
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
+    assert KEY not in captured.out + captured.err
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_path):
+    """Ten SIGKILLs, each a random moment after the output has grown by a random number of records
+    (so each lands mid-run on any machine), then the same command to completion."""
+    total = 600
+    prompts = _prompts(tmp_path / "p.jsonl", total + 50)
+    rng = random.Random(0)
+    env = {**os.environ, "KD_TEST_KEY": KEY}
+    with serve(Faults(fake_chat_app(delay=0.2))) as url:
+        def cmd(out, cache, concurrency):
+            return [sys.executable, "-m", "kdtrain", *_gen(url, [prompts], out, total, "--model", "m", "--temperature",
+                                                           0, "--concurrency", concurrency, "--cache-dir", cache)]
+
+        killed = tmp_path / "killed.jsonl"
+        for _ in range(10):
+            target = _lines(killed) + rng.randint(1, 40)
+            proc = subprocess.Popen(cmd(killed, tmp_path / "c1", 8), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and _lines(killed) < target and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.3))
+            assert proc.poll() is None, "the run ended before its kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert _lines(killed) < total
+        subprocess.run(cmd(killed, tmp_path / "c1", 8), env=env, check=True, capture_output=True)
+        subprocess.run(cmd(tmp_path / "clean.jsonl", tmp_path / "c2", 64), env=env, check=True, capture_output=True)
+    got, ref = _records(killed), _records(tmp_path / "clean.jsonl")
+    assert len(got) == total and len({r["id"] for r in got}) == total
+    assert {r["id"]: r["teacher_text"] for r in got} == {r["id"]: r["teacher_text"] for r in ref}
