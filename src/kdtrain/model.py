@@ -72,6 +72,24 @@ def load_state_dict(path: str | Path) -> dict:
     return state
 
 
+def load_hf_causal_lm(path: Path, key: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` offline; a file that is not weights (a pickled
+    object in a ``.bin``, which transformers loads ``weights_only``) or a broken one is a ConfigError
+    naming ``key``, not a traceback."""
+    import pickle
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{key} {path}: a weights file holds objects other than tensors (refused; nothing in it "
+                          "was run). Use safetensors or a .bin written by torch.save of a state dict.") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"{key} {path} is not a loadable causal language model checkpoint: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 INIT_BLOCK = 1 << 22  # elements drawn from one generator
 
 
@@ -115,14 +133,14 @@ def seeded_init(model: nn.Module, seed: int, std: float) -> None:
 
 def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if cfg.init.base_checkpoint:
         path = Path(cfg.init.base_checkpoint)
         if not (path / "config.json").is_file():
             raise ConfigError(f"init.base_checkpoint {path} is not a Hugging Face checkpoint directory (no config.json).")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                     attn_implementation=register_causal_attention())
+        model = load_hf_causal_lm(path, "init.base_checkpoint", dtype=torch.float32,
+                                  attn_implementation=register_causal_attention())
         return model.to(device)
     from transformers.initialization import no_init_weights
 

@@ -18,16 +18,12 @@ from .config import ConfigError
 
 def load_teacher_model(path: str | Path, device, dtype=None):
     """A frozen local HF causal LM; anything else is a clear error."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .model import load_hf_causal_lm
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"kd.teacher_path {path} is not a Hugging Face checkpoint directory (no config.json).")
-    try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
-    except (ValueError, OSError, KeyError) as e:
-        raise ConfigError(f"kd.teacher_path {path} is not a causal language model checkpoint: {e}") from None
+    model = load_hf_causal_lm(path, "kd.teacher_path", dtype=dtype or torch.float32)
     if model.get_output_embeddings() is None or not hasattr(model, "model"):
         raise ConfigError(f"kd.teacher_path {path}: {type(model).__name__} has no output head; "
                           "the teacher must be a decoder-only causal LM.")
