@@ -15,12 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    import sys
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA")
+    if sys.platform != "darwin":
+        skips["macos"] = pytest.mark.skip(reason="needs the Core ML runtime (macOS)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +65,11 @@ def make_cfg(toy, tmp_path):
 @pytest.fixture
 def toy_cfg(make_cfg):
     return make_cfg()
+
+
+@pytest.fixture(scope="session")
+def conversion_toys(tmp_path_factory) -> dict:
+    """The conversion toys (toy block, tiny torch model, tiny ONNX model), as ``kdtrain make-toy`` writes them."""
+    from kdtrain.export import make_conversion_toys
+
+    return make_conversion_toys(tmp_path_factory.mktemp("conversion_toys"))

@@ -17,6 +17,15 @@ def cmd_make_toy(a) -> int:
     paths = make_toy(a.out_dir, a.samples, a.steps, a.dmodel, a.nlayers, a.vocab)
     for key in ("dataset", "config", "model_init", "tokenizer"):
         print(f"{key:10s} {paths[key]}")
+    from importlib.util import find_spec
+
+    if not all(find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        print("conversion toys not built: they need the export extra (pip install 'kdtrain[export]')")
+        return 0
+    from .export import make_conversion_toys
+
+    for key, path in make_conversion_toys(a.out_dir).items():
+        print(f"{key:10s} {path}")
     return 0
 
 
@@ -76,10 +85,16 @@ def cmd_info(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .checkpoint import export_hf
+    from .export import export
 
-    print(f"exported {export_hf(a.checkpoint, a.out_dir)}")
-    return 0
+    out, probe = export(a.checkpoint, a.out_dir, a.format, a.precision)
+    print(f"exported {out} ({a.format})")
+    if a.format == "coreml" and probe is None:
+        print("probe not run: Core ML predicts only on macOS (conversion and spec done here)")
+    if probe is None:
+        return 0
+    print(probe.report())
+    return 1 if probe.first_divergence else 0
 
 
 def cmd_annotate(a) -> int:
@@ -147,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--world-size", type=int, default=1)
     i.set_defaults(fn=cmd_info)
 
-    e = sub.add_parser("export", help="consolidated Hugging Face model (safetensors) from a checkpoint")
+    e = sub.add_parser("export", help="a checkpoint as a Hugging Face directory, ONNX or Core ML (probed against PyTorch)")
     e.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/toy/checkpoints/step_00000050")
-    e.add_argument("out_dir")
+    e.add_argument("out_dir", help="a new (or empty) directory")
+    e.add_argument("--format", default="hf", help="hf (default), onnx or coreml")
+    e.add_argument("--precision", default="fp16", help="Core ML compute precision: fp16 (default) or fp32")
     e.set_defaults(fn=cmd_export)
 
     n = sub.add_parser("annotate", help="run a local teacher over KD JSONL and store response_ids + teacher_topk")
