@@ -68,6 +68,14 @@ def toy_cfg(make_cfg):
 
 
 @pytest.fixture(scope="session")
+def toy_pair(toy) -> dict:
+    """A toy teacher with another tokenizer (byte-level BPE) beside the toy artifacts: teacher, tokenizer."""
+    from kdtrain.toy import make_toy_pair
+
+    return make_toy_pair(toy["dir"])
+
+
+@pytest.fixture(scope="session")
 def conversion_toys(tmp_path_factory) -> dict:
     """The conversion toys (toy block, tiny torch model, tiny ONNX model), as ``kdtrain make-toy`` writes them."""
     from kdtrain.export import make_conversion_toys

@@ -1,26 +1,91 @@
-"""``kdtrain annotate``: run a local teacher over KD JSONL and store its top-k next-token rows.
+"""``kdtrain annotate``: turn KD JSONL into ``response_ids`` + ``teacher_topk`` for a student tokenizer.
 
-Each output record is the input record plus ``response_ids`` (``teacher_text`` + EOS in the
-student's tokenizer, cut to fit ``max_len``) and ``teacher_topk`` ({ids, logprobs, temperature}
-with ``logprobs = log_softmax(logits / temperature)``). A first line ``{"__header__": ...}``
-records k, the temperature and the teacher.
+Two teachers:
+
+* a local Hugging Face causal LM (``--teacher DIR``). Its tokenizer is ``--teacher-tokenizer``,
+  else the one saved in DIR, else the student's. It runs on its own tokenization of prompt and
+  response (``teacher_text`` + its EOS, cut to ``max_len`` by the training policy); its full
+  distribution ``log_softmax(logits / temperature)`` is mapped onto student ids and the top k
+  are kept at aligned positions (``align.py``). A teacher with the student's vocabulary aligns
+  every position id for id: its rows are the plain same-vocabulary top-k.
+* an endpoint's log-probs (no ``--teacher``): each record's ``teacher_api_logprobs`` (written by
+  ``kdtrain gen-data --logprobs K``) is aligned to the student's tokens. Rows are K wide (or
+  ``--k`` when smaller). The endpoint's log-probs are stored as given; ``--temperature`` records
+  the temperature they were captured at.
+
+Rows of positions that are not aligned are ``null``: no ``kl_div`` there, ``ce_teacher`` as usual.
+Coverage is printed: the fraction of response positions aligned and the fraction of the
+teacher's probability at those positions that maps to student ids (of the listed top-K mass
+for an endpoint, of the whole distribution for a local teacher).
 
 Resumable: output line ``i`` belongs to input record ``i``. After a kill, rerunning the same
 command keeps every complete output line, drops a torn last line and continues with the next
-record — no record is duplicated or missing. Records are written batch by batch and flushed.
+record. The header line records what the rows depend on — the input file, the student
+tokenizer and the teacher (content hashes), the teacher's tokenizer, k, the temperature and
+``max_len`` — and a rerun that differs in any of them is refused rather than mixed in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import align
 from .data import DataError, _truncate, parse_record, read_jsonl
-from .teacher import OnlineTeacher, load_teacher_model
+from .teacher import load_teacher_model
 from .tokenizer import load_tokenizer
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HEADER_NAMES = {"source": "teacher source", "input": "input file", "tokenizer": "student tokenizer",
+                "teacher": "teacher weights", "teacher_tokenizer": "teacher tokenizer", "k": "--k",
+                "temperature": "--temperature", "max_len": "--max-len", "format": "format"}
+
+
+@dataclass
+class Report:
+    written: int  # records annotated by this call
+    positions: int = 0  # response positions of those records
+    aligned: int = 0  # positions with a top-k row
+    teacher_mass: float = 0.0  # teacher probability at aligned positions (listed or whole)
+    mapped_mass: float = 0.0  # the part of it on student ids
+
+    def __str__(self) -> str:
+        cov = self.aligned / max(self.positions, 1)
+        mass = self.mapped_mass / self.teacher_mass if self.teacher_mass else 0.0
+        return (f"annotated {self.written} records: {self.aligned}/{self.positions} response positions aligned "
+                f"({cov:.1%}), {mass:.1%} of the teacher's probability there mapped to student tokens")
+
+
+def _hash_files(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_hash(path) -> str:
+    """Content hash of a tokenizer directory's files."""
+    return _hash_files([f for f in Path(path).iterdir() if f.is_file()])
+
+
+def weights_hash(path) -> str:
+    """Content hash of a checkpoint's config and weight files (not its folder name)."""
+    path = Path(path)
+    files = [f for f in path.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")]
+    return _hash_files(files)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def _completed(path: Path, header: dict) -> int:
@@ -31,63 +96,192 @@ def _completed(path: Path, header: dict) -> int:
     raw = path.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]  # everything up to the last newline is whole
     lines = keep.decode("utf-8").splitlines()
-    if not lines or json.loads(lines[0]).get("__header__") != header:
-        raise DataError(f"{path} exists but was not written by this annotate command (header differs); "
-                        "remove it or choose another output path.")
+    try:
+        old = json.loads(lines[0]).get("__header__") if lines else None
+    except (json.JSONDecodeError, AttributeError):
+        old = None
+    if not isinstance(old, dict):
+        raise DataError(f"{path} exists but has no annotate header line; remove it or choose another output path.")
+    if old != header:
+        diff = [f"{HEADER_NAMES.get(key, key)} ({_short(old.get(key))} there, {_short(header.get(key))} now)"
+                for key in sorted(set(old) | set(header)) if old.get(key) != header.get(key)]
+        raise DataError(f"{path} was written by another annotate command; it differs in " + ", ".join(diff) +
+                        ". Resume with the same input, tokenizers, teacher and options, or write to another path.")
     if len(keep) != len(raw):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
     return len(lines) - 1
 
 
+def _short(v) -> str:
+    return f"sha256 {v[:12]}…" if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def _student_rows(rec: dict, tok, vocab: int, path, line_no: int, max_len: int):
+    plain = {key: v for key, v in rec.items() if key not in ("response_ids", "teacher_topk")}
+    sample, _, _ = parse_record(plain, tok, vocab, path, line_no)
+    prompt, n = _truncate(sample.prompt_ids, sample.response_ids, max_len)  # the training policy
+    return prompt, sample.response_ids, n
+
+
+def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | None, rep: Report):
+    where = f"(file {path}, line {line_no}"
+    if rec.get("teacher_api_logprobs") is None:
+        raise DataError(f"record has no 'teacher_api_logprobs' {where}): generate with `kdtrain gen-data --logprobs K`, "
+                        "or pass --teacher DIR to annotate with a local teacher.")
+    _, response, n = _student_rows(rec, tok, len(vocab), path, line_no, max_len)
+    try:
+        pieces, alts = align.parse_api_logprobs(rec["teacher_api_logprobs"])
+        width = min(k or len(alts[0]), len(alts[0]))
+        rows = align.align_api(pieces, alts, rec["teacher_text"], response, vocab, width)
+    except align.AlignError as e:
+        at = f", teacher_api_logprobs position {e.position}" if e.position is not None else ""
+        raise DataError(f"field 'teacher_api_logprobs': {e} {where}{at}).") from None
+    rep.positions += n
+    rep.aligned += sum(r is not None for r in rows.ids[:n])
+    rep.teacher_mass += rows.listed_mass
+    rep.mapped_mass += rows.mapped_mass
+    return response[:n], rows.ids[:n], rows.logprobs[:n], len(alts[0])
+
+
+class _LocalTeacher:
+    """A local teacher and the maps from its vocabulary to the student's."""
+
+    def __init__(self, path, tokenizer_path, student_tok, dev, temperature: float):
+        self.tok = load_tokenizer(tokenizer_path)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.model = load_teacher_model(path, dev, dtype)
+        self.t_vocab, self.s_vocab = align.vocab_bytes(self.tok), align.vocab_bytes(student_tok)
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if rows < len(self.t_vocab):
+            raise DataError(f"the teacher at {path} has {rows} output rows but its tokenizer {tokenizer_path} has "
+                            f"{len(self.t_vocab)} tokens: pass the teacher's own tokenizer with --teacher-tokenizer.")
+        self.maps = {}
+        self.dev, self.temperature = dev, temperature
+
+    def _map(self, first_t: bool, first_s: bool) -> torch.Tensor:
+        if (first_t, first_s) not in self.maps:
+            self.maps[first_t, first_s] = align.id_map(self.t_vocab, self.s_vocab, first_t, first_s).to(self.dev)
+        return self.maps[first_t, first_s]
+
+    def logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        """[len(response), V_t] log-probs at the response positions of each (prompt, response) row."""
+        S = max(len(p) + len(r) for p, r in rows)
+        ids = torch.full((len(rows), S), self.tok.pad_token_id, dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        hidden = self.model.model(input_ids=ids.to(self.dev)).last_hidden_state
+        weight = self.model.get_output_embeddings().weight[: len(self.t_vocab)]
+        return [torch.log_softmax((hidden[i, len(p) - 1: len(p) - 1 + len(r)] @ weight.t()).float() / self.temperature,
+                                  dim=-1) for i, (p, r) in enumerate(rows)]
+
+    def rows(self, text: str, t_resp: list[int], nt: int, t_lp: torch.Tensor, s_resp: list[int], ns: int, k: int,
+             rep: Report):
+        """Student rows (None where not aligned) for ``s_resp[:ns]`` from the teacher's rows ``t_lp`` over
+        ``t_resp[:nt]``; both responses are the text's tokens + EOS."""
+        raw = text.encode("utf-8")
+        t_starts, t_ends, _ = align.spans([self.t_vocab.pieces[i] or b"" for i in t_resp[:-1]], raw)
+        s_starts, s_ends, _ = align.spans([self.s_vocab.pieces[i] or b"" for i in s_resp[:-1]], raw)
+        which = align.match(s_starts, s_ends, t_starts, t_ends)
+        pairs = [(j, i) for j, i in enumerate(which) if i is not None and j < ns and i < nt]
+        if ns == len(s_resp) and nt == len(t_resp):
+            pairs.append((ns - 1, nt - 1))  # EOS after the whole text on both sides
+        ids: list = [None] * ns
+        lps: list = [None] * ns
+        for first in ((False, False), (True, True), (True, False), (False, True)):
+            sel = [(j, i) for j, i in pairs if (i == 0, j == 0) == first]
+            if sel:
+                m = self._map(*first)
+                student = align.to_student(t_lp[[i for _, i in sel]], m, len(self.s_vocab))
+                row_ids, row_lps, mapped = align.topk_rows(student, k)
+                for (j, _), ri, rl in zip(sel, row_ids, row_lps):
+                    ids[j], lps[j] = ri, rl
+                rep.mapped_mass += mapped
+        rep.positions += ns
+        rep.aligned += len(pairs)
+        if pairs:  # 1 per row up to the float32 rounding of the log-softmax
+            rep.teacher_mass += float(torch.logsumexp(t_lp[[i for _, i in pairs]].double(), dim=-1).exp().sum())
+        return ids, lps
+
+
+def _write(out, lines: list[str]) -> None:
+    out.write("".join(lines))
+    out.flush()
+    os.fsync(out.fileno())
+
+
 @torch.no_grad()
-def annotate(input_path, output_path, teacher_path, tokenizer_path, k: int = 64, temperature: float = 1.0,
-             batch_size: int = 8, max_len: int = 4096, device: str = "auto") -> int:
-    """Annotate ``input_path`` into ``output_path``; returns the number of records written now."""
+def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k: int | None = None,
+             temperature: float = 1.0, batch_size: int = 8, max_len: int = 4096, device: str = "auto",
+             teacher_tokenizer=None) -> Report:
+    """Annotate ``input_path`` into ``output_path`` (see the module docstring); returns what was done now."""
     from tqdm import tqdm
 
     input_path, output_path = Path(input_path), Path(output_path)
-    if k < 1 or temperature <= 0 or batch_size < 1 or max_len < 2:
+    if (k is not None and k < 1) or temperature <= 0 or batch_size < 1 or max_len < 2:
         raise DataError("annotate: --k and --batch-size must be >= 1, --temperature > 0, --max-len >= 2.")
+    if tokenizer_path is None:
+        raise DataError("annotate: --tokenizer (the student's tokenizer directory) is required.")
+    if not input_path.is_file():
+        raise DataError(f"annotate: input file {input_path} does not exist.")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     tok = load_tokenizer(tokenizer_path)
-    vocab = len(tok)
-    if k > vocab:
-        raise DataError(f"annotate: --k {k} exceeds the vocabulary size {vocab}.")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    teacher = OnlineTeacher(load_teacher_model(teacher_path, dev, dtype), vocab)
+    s_vocab = align.vocab_bytes(tok)
     records = read_jsonl(input_path)
-    header = {"format": "kd-jsonl-v1", "k": k, "temperature": temperature, "teacher": str(Path(teacher_path).name)}
-    done = _completed(output_path, header)
+    header = {"format": "kd-jsonl-v1", "input": _hash_files([input_path]), "tokenizer": tokenizer_hash(tokenizer_path),
+              "temperature": temperature, "max_len": max_len}
+    teacher = None
+    if teacher_path is not None:
+        teacher_path = Path(teacher_path)
+        if teacher_tokenizer is None:
+            teacher_tokenizer = teacher_path if _has_tokenizer(teacher_path) else tokenizer_path
+        k = k or 64
+        if k > len(s_vocab):
+            raise DataError(f"annotate: --k {k} exceeds the student's vocabulary size {len(s_vocab)}.")
+        header.update(source="local teacher", teacher=weights_hash(teacher_path) if teacher_path.is_dir() else None,
+                      teacher_tokenizer=tokenizer_hash(teacher_tokenizer), k=k)
+        done = _completed(output_path, header)
+        teacher = _LocalTeacher(teacher_path, teacher_tokenizer, tok, dev, temperature)
+    else:
+        header.update(source="teacher_api_logprobs", k=k)
+        done = _completed(output_path, header)
+    rep, K_seen = Report(len(records) - done), None
     todo = records[done:]
-    with open(output_path, "a", encoding="utf-8") as out, tqdm(total=len(records), initial=done, unit="rec") as bar:
+    with open(output_path, "a", encoding="utf-8") as out, \
+            tqdm(total=len(records), initial=done, unit="rec", file=sys.stderr) as bar:
         for s in range(0, len(todo), batch_size):
             chunk = todo[s: s + batch_size]
-            rows = []
-            for line_no, rec in chunk:
-                plain = {key: v for key, v in rec.items() if key not in ("response_ids", "teacher_topk")}
-                sample, _, _ = parse_record(plain, tok, vocab, input_path, line_no)
-                prompt, n = _truncate(sample.prompt_ids, sample.response_ids, max_len)  # the training policy
-                rows.append((prompt, sample.response_ids[:n]))
-            S = max(len(p) + len(r) for p, r in rows)
-            ids = torch.full((len(rows), S), tok.pad_token_id, dtype=torch.long)
-            for i, (p, r) in enumerate(rows):
-                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            hidden = teacher.model.model(input_ids=ids.to(dev)).last_hidden_state
-            weight = teacher.model.get_output_embeddings().weight[:vocab]
             lines = []
-            for i, ((_, rec), (p, r)) in enumerate(zip(chunk, rows)):
-                h = hidden[i, len(p) - 1: len(p) - 1 + len(r)]
-                logprobs = torch.log_softmax((h @ weight.t()).float() / temperature, dim=-1)
-                top = logprobs.topk(k, dim=-1)
-                out_rec = {**rec, "response_ids": r, "teacher_topk": {
-                    "ids": top.indices.tolist(),
-                    "logprobs": [[min(v, 0.0) for v in row] for row in top.values.tolist()],
-                    "temperature": temperature}}
-                lines.append(json.dumps(out_rec) + "\n")
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
+            if teacher is None:
+                for line_no, rec in chunk:
+                    resp, ids, lps, K = _api_rows(rec, tok, s_vocab, input_path, line_no, max_len, k, rep)
+                    if K_seen is not None and K != K_seen[0]:
+                        raise DataError(f"field 'teacher_api_logprobs' has {K} top_logprobs per token (file {input_path}, "
+                                        f"line {line_no}) but {K_seen[0]} at line {K_seen[1]}: K must not vary.")
+                    K_seen = K_seen or (K, line_no)
+                    lines.append(_line(rec, resp, ids, lps, temperature))
+            else:
+                t_rows, s_rows = [], []
+                for line_no, rec in chunk:
+                    t_prompt, t_resp, nt = _student_rows(rec, teacher.tok, len(teacher.t_vocab), input_path, line_no,
+                                                         max_len)
+                    s_rows.append(_student_rows(rec, tok, len(s_vocab), input_path, line_no, max_len))
+                    t_rows.append((t_prompt, t_resp, nt))
+                t_lps = teacher.logprobs([(p, r[:n]) for p, r, n in t_rows])
+                for (line_no, rec), (_, t_resp, nt), (_, s_resp, ns), t_lp in zip(chunk, t_rows, s_rows, t_lps):
+                    try:
+                        ids, lps = teacher.rows(rec["teacher_text"], t_resp, nt, t_lp, s_resp, ns, k, rep)
+                    except align.AlignError as e:
+                        raise DataError(f"field 'teacher_text': {e} (file {input_path}, line {line_no}); a tokenizer "
+                                        "that cannot spell the text byte for byte cannot be aligned.") from None
+                    lines.append(_line(rec, s_resp[:ns], ids, lps, temperature))
+            _write(out, lines)
             bar.update(len(chunk))
-    return len(todo)
+    print(rep, file=sys.stderr)
+    return rep
+
+
+def _line(rec: dict, response: list[int], ids, lps, temperature: float) -> str:
+    return json.dumps({**rec, "response_ids": response,
+                       "teacher_topk": {"ids": ids, "logprobs": lps, "temperature": temperature}}) + "\n"

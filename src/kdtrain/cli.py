@@ -12,11 +12,12 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_make_toy(a) -> int:
-    from .toy import make_toy
+    from .toy import make_toy, make_toy_pair
 
     paths = make_toy(a.out_dir, a.samples, a.steps, a.dmodel, a.nlayers, a.vocab)
     for key in ("dataset", "config", "model_init", "tokenizer"):
         print(f"{key:10s} {paths[key]}")
+    print(f"{'pair':10s} {make_toy_pair(a.out_dir, a.samples)['teacher']} (a teacher with another tokenizer)")
     from importlib.util import find_spec
 
     if not all(find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
@@ -101,7 +102,7 @@ def cmd_annotate(a) -> int:
     from .annotate import annotate
 
     annotate(a.input, a.output, a.teacher, a.tokenizer, k=a.k, temperature=a.temperature,
-             batch_size=a.batch_size, max_len=a.max_len, device=a.device)
+             batch_size=a.batch_size, max_len=a.max_len, device=a.device, teacher_tokenizer=a.teacher_tokenizer)
     return 0
 
 
@@ -169,12 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp16", help="Core ML compute precision: fp16 (default) or fp32")
     e.set_defaults(fn=cmd_export)
 
-    n = sub.add_parser("annotate", help="run a local teacher over KD JSONL and store response_ids + teacher_topk")
+    n = sub.add_parser("annotate", help="store response_ids + teacher_topk from a local teacher or an endpoint's "
+                                        "log-probs (teacher_api_logprobs), aligned to the student's tokens")
     n.add_argument("input")
     n.add_argument("output")
-    n.add_argument("--teacher", required=True, help="local Hugging Face causal LM directory")
+    n.add_argument("--teacher", default=None,
+                   help="local Hugging Face causal LM directory (default: align each record's teacher_api_logprobs)")
+    n.add_argument("--teacher-tokenizer", default=None,
+                   help="the teacher's tokenizer directory (default: the one saved in --teacher, else --tokenizer)")
     n.add_argument("--tokenizer", required=True, help="the student's tokenizer directory")
-    n.add_argument("--k", type=int, default=64)
+    n.add_argument("--k", type=int, default=None, help="row width (default: 64 for a local teacher, the "
+                                                          "endpoint's K for teacher_api_logprobs)")
     n.add_argument("--temperature", type=float, default=1.0)
     n.add_argument("--batch-size", type=int, default=8)
     n.add_argument("--max-len", type=int, default=4096)

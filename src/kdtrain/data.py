@@ -37,7 +37,7 @@ class DataError(ValueError):
 class Sample:
     prompt_ids: list[int]  # BOS + prompt
     response_ids: list[int]  # teacher_text + EOS
-    topk_ids: torch.Tensor | None = None  # [len(response_ids), k] int32
+    topk_ids: torch.Tensor | None = None  # [len(response_ids), k] int32; a row of -1 where the record has none
     topk_logprobs: torch.Tensor | None = None  # [len(response_ids), k] float32
     reference_ids: list[int] | None = None  # reference + EOS
 
@@ -117,13 +117,25 @@ def _parse_topk(rec: dict, n: int, vocab: int, path, line: int):
         if len(rows) != n:
             raise DataError(f"field 'teacher_topk.{name}' has {len(rows)} rows but 'response_ids' has {n} tokens "
                             f"{_where(path, line)}: give one row per response token.")
-    k = len(ids[0]) if ids and isinstance(ids[0], list) else 0
+    # A null row (in both lists) marks a position without a teacher row: kl_div skips it.
+    present = [j for j, (r_i, r_l) in enumerate(zip(ids, lps)) if r_i is not None or r_l is not None]
+    for j in present:
+        if ids[j] is None or lps[j] is None:
+            raise DataError(f"teacher_topk row {j} is null in '{'ids' if ids[j] is None else 'logprobs'}' only "
+                            f"{_where(path, line)}: a position without a row is null in both 'ids' and 'logprobs'.")
+    if not present:
+        return None, None, float(temp), 0
+    k = len(ids[present[0]]) if isinstance(ids[present[0]], list) else 0
     if k == 0:
-        raise DataError(f"field 'teacher_topk.ids' rows must be non-empty lists {_where(path, line)}.")
-    ids_t, lps_t = _topk_tensors(ids, lps, n, k, vocab)
+        raise DataError(f"field 'teacher_topk.ids' rows must be non-empty lists or null {_where(path, line)}.")
+    ids_t, lps_t = _topk_tensors([ids[j] for j in present], [lps[j] for j in present], len(present), k, vocab)
     if ids_t is None:  # something is off: the row-by-row check names the first problem
         _check_topk_rows(ids, lps, k, vocab, path, line)
         raise DataError(f"field 'teacher_topk' holds values of the wrong type {_where(path, line)}.")
+    if len(present) < n:
+        rows = torch.tensor(present)
+        ids_t = torch.full((n, k), -1, dtype=torch.int32).index_copy_(0, rows, ids_t)
+        lps_t = torch.zeros(n, k).index_copy_(0, rows, lps_t)
     return ids_t, lps_t.clamp(max=0.0), float(temp), k
 
 
@@ -145,6 +157,8 @@ def _topk_tensors(ids, lps, n: int, k: int, vocab: int):
 
 def _check_topk_rows(ids, lps, k: int, vocab: int, path, line: int) -> None:
     for j, (row_i, row_l) in enumerate(zip(ids, lps)):
+        if row_i is None and row_l is None:
+            continue
         if not isinstance(row_i, list) or not isinstance(row_l, list) or len(row_i) != k or len(row_l) != k:
             got = len(row_i) if isinstance(row_i, list) else row_i
             raise DataError(f"teacher_topk row {j} has {got} ids / "
@@ -277,9 +291,10 @@ def collate(samples: list[Sample], seq_len: int, pad_id: int, k: int, with_refer
         mask = torch.zeros(B, S, dtype=torch.bool)
         for i, (s, (start, n)) in enumerate(zip(samples, spans)):
             if s.topk_ids is not None:
-                ids[i, start:start + n] = torch.as_tensor(s.topk_ids[:n])
+                rows = torch.as_tensor(s.topk_ids[:n])
+                ids[i, start:start + n] = rows.clamp(min=0)
                 lps[i, start:start + n] = torch.as_tensor(s.topk_logprobs[:n])
-                mask[i, start:start + n] = True
+                mask[i, start:start + n] = rows[:, 0] >= 0  # False at null rows
         batch.update(topk_ids=ids, topk_logprobs=lps, topk_mask=mask)
     if with_reference:
         ref_rows, ref_labels = [], []

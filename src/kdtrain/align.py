@@ -1,0 +1,330 @@
+"""A teacher signal across tokenizers: teacher and student tokens laid on the same bytes.
+
+Both tokenizations of a response text are turned into byte spans over the text's UTF-8 bytes.
+A student position is *aligned* when its token covers exactly the byte span of one teacher
+token (same start, same end). At an aligned position each teacher alternative whose bytes are
+exactly one student token becomes that student id with the teacher's log-probability; the rest
+of the teacher's mass is the loss's tail bucket. Unaligned positions carry no row (``None``).
+
+Byte view of a vocabulary (``vocab_bytes``, cached per tokenizer): SentencePiece pieces read
+``▁`` as a space and ``<0xNN>`` as the byte NN; byte-level BPE pieces (GPT-2's ``Ġ`` convention)
+go through the ByteLevel byte<->character table; special tokens have no bytes. Where several
+ids spell the same bytes (a piece and its byte-fallback twin), a lookup by bytes gives the
+ordinary piece. A tokenizer that prepends a space to a text that lacks one (SentencePiece's
+dummy prefix: ``Hello`` -> ``▁Hello``) spells ``b" " + text``; that virtual space is dropped from
+the first token's span, and an alternative at the first byte gets it before the lookup (unless
+the alternative starts with a space itself: `` the`` is ``▁the`` there too).
+
+Rows are ``k`` wide. When fewer than ``k`` alternatives map, the row is filled with student ids
+that the teacher did not list (the highest ids not in the row), each holding an equal share of
+the unmapped mass spread over the unlisted vocabulary: the same uniform-tail assumption the
+loss makes when it re-tempers a tail, so a filled row describes the same coarse distribution.
+
+Pure functions: no file or model access; callers (``annotate``, ``teacher``) name the file and
+line in their errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+TAIL_FLOOR = 1e-7  # the smallest tail mass a filled row keeps (the loss floors its tail the same way)
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class AlignError(ValueError):
+    """Input that cannot be aligned; ``position`` is the teacher token index (or None)."""
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
+
+
+@dataclass
+class Vocab:
+    """The byte view of a tokenizer."""
+
+    pieces: list[bytes | None]  # id -> bytes; None for special tokens
+    by_bytes: dict[bytes, int]  # bytes -> id
+    eos_id: int
+    prefix: bytes = b""  # b" " for a tokenizer that prepends a space to a text that lacks one
+    names: list[str] = field(repr=False, default_factory=list)  # id -> piece string
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, as the tokenizers ByteLevel pre-tokenizer uses."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def _convention(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        text = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+        if '"ByteLevel"' in text:
+            return "byte_level"
+        if "\u2581" in text or spec.get("model", {}).get("byte_fallback"):
+            return "sentencepiece"
+        return "literal"
+    return "sentencepiece" if any("\u2581" in p for p in tokenizer.get_vocab()) else "literal"
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vocab_bytes(tokenizer) -> Vocab:
+    """The byte view of ``tokenizer``, built once per tokenizer object."""
+    if tokenizer in _CACHE:
+        return _CACHE[tokenizer]
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    names, pieces = [""] * size, [None] * size
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    conv = _convention(tokenizer)
+    table = _byte_level_table() if conv == "byte_level" else None
+    fallback = set()
+    for piece, i in vocab.items():
+        names[i] = piece
+        if i in special:
+            continue
+        if conv == "byte_level":
+            try:
+                pieces[i] = bytes(table[ch] for ch in piece)
+            except KeyError:  # an added token written in plain text
+                pieces[i] = piece.encode("utf-8")
+        elif conv == "sentencepiece" and (m := _BYTE_PIECE.match(piece)):
+            pieces[i] = bytes([int(m.group(1), 16)])
+            fallback.add(i)
+        else:
+            pieces[i] = piece.replace("\u2581", " ").encode("utf-8") if conv == "sentencepiece" else piece.encode()
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(pieces):  # ordinary pieces win over their byte-fallback twins
+        if b and (b not in by_bytes or (by_bytes[b] in fallback and i not in fallback)):
+            by_bytes[b] = i
+    probe = b"".join(pieces[i] or b"" for i in tokenizer.encode("a", add_special_tokens=False))
+    out = Vocab(pieces, by_bytes, tokenizer.eos_token_id, b" " if probe == b" a" else b"", names)
+    _CACHE[tokenizer] = out
+    return out
+
+
+def spans(pieces: list[bytes], text: bytes) -> tuple[list[int], list[int], bytes]:
+    """(starts, ends, prefix) of ``pieces`` over ``text``; ``prefix`` is a prepended virtual space.
+
+    Raises AlignError (position = first token that leaves the text) when the pieces do not spell it.
+    """
+    joined = b"".join(pieces)
+    prefix = b""
+    if joined != text:
+        if joined == b" " + text:
+            prefix = b" "
+        else:
+            pos, at = _first_mismatch(pieces, text)
+            raise AlignError(f"the tokens do not spell the response text: token {pos} ({pieces[pos]!r}) "
+                             f"at byte {at} where the text has {text[at:at + len(pieces[pos])]!r}", pos)
+    ends = list(accumulate(len(p) for p in pieces))
+    starts = [0] + ends[:-1]
+    if prefix:  # a token of the virtual space alone keeps the span [-1, 0); it matches only its twin
+        ends = [e - 1 for e in ends]
+        starts = [s - 1 if e == 0 else max(s - 1, 0) for s, e in zip(starts, ends)]
+    return starts, ends, prefix
+
+
+def _first_mismatch(pieces: list[bytes], text: bytes) -> tuple[int, int]:
+    at = 0
+    for j, p in enumerate(pieces):
+        if text[at:at + len(p)] != p:
+            return j, at
+        at += len(p)
+    return max(len(pieces) - 1, 0), at
+
+
+def match(s_starts: list[int], s_ends: list[int], t_starts: list[int], t_ends: list[int]) -> list[int | None]:
+    """For each student token, the teacher token with exactly its byte span, or None."""
+    by_start = {s: i for i, (s, e) in enumerate(zip(t_starts, t_ends)) if e > s}
+    out = []
+    for s, e in zip(s_starts, s_ends):
+        i = by_start.get(s)
+        out.append(i if i is not None and e > s and t_ends[i] == e else None)
+    return out
+
+
+def _key(b: bytes, t_strip: bytes, s_add: bytes) -> bytes:
+    """The student's bytes for a teacher alternative. At a side's first token the virtual space
+    counts: the teacher's (``t_strip``) is dropped, the student's (``s_add``) added unless the
+    alternative starts with a space of its own."""
+    b = b[len(t_strip):] if t_strip and b.startswith(t_strip) and len(b) > len(t_strip) else b
+    return b if not s_add or b.startswith(b" ") else s_add + b
+
+
+def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple[list[int], list[float]]:
+    """Pad a row of ``m <= k`` mapped alternatives to ``k`` (see the module docstring)."""
+    m = len(ids)
+    if m >= k:
+        return ids[:k], lps[:k]
+    tail = max(1.0 - sum(math.exp(v) for v in lps), TAIL_FLOOR)
+    share = math.log(tail / (vocab_size - m))
+    taken, extra, cand = set(ids), [], vocab_size - 1
+    while len(extra) < k - m:
+        if cand not in taken:
+            extra.append(cand)
+        cand -= 1
+    return ids + extra, lps + [share] * (k - m)
+
+
+@dataclass
+class Rows:
+    """Top-k rows for the student's response tokens, None where a position is not aligned."""
+
+    ids: list[list[int] | None]
+    logprobs: list[list[float] | None]
+    aligned: int  # positions with a row
+    listed_mass: float  # teacher probability of the listed alternatives, summed over aligned positions
+    mapped_mass: float  # the part of it that maps to student ids
+
+
+def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[tuple[bytes, float]]]]:
+    """``teacher_api_logprobs`` -> (token bytes, alternatives [(bytes, logprob)] per token).
+
+    Checks what alignment relies on; raises AlignError naming the token position.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise AlignError("'teacher_api_logprobs' must be a non-empty list of per-token objects")
+    pieces, alts = [], []
+    K = None
+    for j, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise AlignError(f"token {j} is not an object", j)
+        pieces.append(_bytes_of(e, j, "bytes"))
+        _logprob(e, j, "logprob")
+        top = e.get("top_logprobs")
+        if not isinstance(top, list) or not top:
+            raise AlignError(f"token {j} has no 'top_logprobs' list (generate with --logprobs K, K >= 1)", j)
+        if K is None:
+            K = len(top)
+        elif len(top) != K:
+            raise AlignError(f"token {j} has {len(top)} top_logprobs but token 0 has {K}: K must not vary", j)
+        alts.append([(_bytes_of(a, j, "top_logprobs[].bytes"), _logprob(a, j, "top_logprobs[].logprob"))
+                     for a in top])
+        if sum(math.exp(v) for _, v in alts[-1]) > 1 + 1e-3:
+            raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
+                             "log-probabilities", j)
+    return pieces, alts
+
+
+def _bytes_of(e, j: int, name: str) -> bytes:
+    b = e.get("bytes") if isinstance(e, dict) else None
+    if not isinstance(b, list) or not b:
+        raise AlignError(f"token {j} has no '{name}' (a non-empty list of byte values); the endpoint must "
+                         "return token bytes (OpenAI-compatible logprobs do)", j)
+    try:
+        return bytes(b)
+    except (TypeError, ValueError):
+        raise AlignError(f"token {j} has '{name}' that are not byte values 0..255: {b[:8]!r}", j) from None
+
+
+def _logprob(e, j: int, name: str) -> float:
+    v = e.get("logprob") if isinstance(e, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise AlignError(f"token {j} has '{name}' {v!r}, not a finite number", j)
+    if v > 1e-6:
+        raise AlignError(f"token {j} has positive '{name}' {v}: log-probabilities are <= 0", j)
+    return min(float(v), 0.0)
+
+
+def align_api(pieces: list[bytes], alts: list[list[tuple[bytes, float]]], text: str, student_ids: list[int],
+              vocab: Vocab, k: int) -> Rows:
+    """Rows for ``student_ids`` (the student's tokens of ``text``, any trailing EOS) from an endpoint's
+    tokens and top alternatives (``parse_api_logprobs``)."""
+    raw = text.encode("utf-8")
+    t_starts, t_ends, _ = spans(pieces, raw)
+    s_ids = [i for i in student_ids if vocab.pieces[i] is not None]  # EOS and other specials carry no bytes
+    s_starts, s_ends, _ = spans([vocab.pieces[i] for i in s_ids], raw)
+    which = match(s_starts, s_ends, t_starts, t_ends)
+    by_bytes, V = vocab.by_bytes, len(vocab)
+    ids: list[list[int] | None] = [None] * len(student_ids)
+    lps: list[list[float] | None] = [None] * len(student_ids)
+    aligned, listed, mapped = 0, 0.0, 0.0
+    j = 0
+    for pos, sid in enumerate(student_ids):
+        if vocab.pieces[sid] is None:
+            continue
+        i = which[j]
+        first = j == 0
+        j += 1
+        if i is None:
+            continue
+        row: dict[int, float] = {}
+        for b, lp in alts[i]:
+            p = math.exp(lp)
+            listed += p
+            sid_alt = by_bytes.get(_key(b, b"", vocab.prefix) if first else b)
+            if sid_alt is None:
+                continue
+            mapped += p
+            row[sid_alt] = math.log(math.exp(row[sid_alt]) + p) if sid_alt in row else lp
+        ids[pos], lps[pos] = fill_row(list(row), list(row.values()), k, V)
+        aligned += 1
+    return Rows(ids, lps, aligned, listed, mapped)
+
+
+# ---- a local teacher with another tokenizer: its full distribution, mapped to student ids ----
+
+def id_map(teacher: Vocab, student: Vocab, first_t: bool = False, first_s: bool = False) -> torch.Tensor:
+    """[V_teacher] student id for each teacher id, -1 where it is not exactly one student token.
+
+    A teacher with the student's vocabulary maps id to id. Otherwise the bytes decide, with the
+    virtual spaces of the teacher's first token (``first_t``) and the student's (``first_s``)
+    exchanged (see ``_key``); the teacher's EOS maps to the student's EOS.
+    """
+    if teacher.names == student.names:
+        return torch.arange(len(teacher))
+    out = torch.full((len(teacher),), -1, dtype=torch.long)
+    for i, b in enumerate(teacher.pieces):
+        if b is not None:
+            out[i] = student.by_bytes.get(_key(b, teacher.prefix if first_t else b"",
+                                               student.prefix if first_s else b""), -1)
+    if teacher.eos_id is not None and student.eos_id is not None:
+        out[teacher.eos_id] = student.eos_id
+    return out
+
+
+def to_student(logprobs: torch.Tensor, mapping: torch.Tensor, student_size: int) -> torch.Tensor:
+    """[n, V_t] teacher log-probs -> [n, V_s] student log-probs (-inf where nothing maps).
+
+    Teacher ids that share a student id are summed in probability; a lone one keeps its value
+    bit for bit (max + log(1)), so a same-vocabulary map returns the input unchanged.
+    """
+    keep = mapping >= 0
+    src, idx = logprobs[:, keep], mapping[keep].expand(logprobs.shape[0], -1)
+    peak = logprobs.new_full((logprobs.shape[0], student_size), -math.inf).scatter_reduce(1, idx, src, "amax")
+    at = peak.gather(1, idx)
+    lone = torch.where(at == -math.inf, torch.zeros_like(src), (src - at).exp())  # -inf - -inf is NaN
+    mass = logprobs.new_zeros(peak.shape).scatter_add(1, idx, lone)
+    return peak + mass.log()
+
+
+def topk_rows(student_lps: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]], float]:
+    """Top-k of each [n, V_s] row, filled where fewer than k ids have mass; also the mapped mass."""
+    top = student_lps.topk(k, dim=-1)
+    mapped = float(torch.logsumexp(student_lps.double(), dim=-1).exp().sum())
+    ids_out, lps_out = [], []
+    V = student_lps.shape[-1]
+    for ids, lps in zip(top.indices.tolist(), top.values.tolist()):
+        finite = [(i, min(v, 0.0)) for i, v in zip(ids, lps) if v != -math.inf]
+        row_ids, row_lps = fill_row([i for i, _ in finite], [v for _, v in finite], k, V)
+        ids_out.append(row_ids)
+        lps_out.append(row_lps)
+    return ids_out, lps_out, mapped

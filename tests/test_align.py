@@ -1,0 +1,180 @@
+"""Alignment of teacher and student tokens on the bytes of a response, worked by hand, and the
+same-tokenizer property: every position aligned, rows equal to the plain top-k."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdtrain import align
+
+pytestmark = pytest.mark.smoke
+
+EMOJI = "😀".encode()  # 4 bytes: f0 9f 98 80
+
+
+def test_one_to_many_splits_in_both_directions_are_not_aligned():
+    text = "unbelievable 😀!".encode()
+    teacher = [b"un", b"believable", b" ", EMOJI, b"!"]
+    student = [b"un", b"be", b"lievable", b" " + EMOJI, b"!"]
+    t = align.spans(teacher, text)
+    s = align.spans(student, text)
+    assert t[:2] == ([0, 2, 12, 13, 17], [2, 12, 13, 17, 18])
+    # one teacher token -> two student tokens ("believable"), two teacher tokens -> one student token (" 😀")
+    assert align.match(s[0], s[1], t[0], t[1]) == [0, None, None, None, 4]
+    # and the other way round: the student's pieces as the teacher's
+    assert align.match(t[0], t[1], s[0], s[1]) == [0, None, None, None, 4]
+
+
+def test_runs_of_spaces_newlines_digits_and_partial_utf8():
+    text = "a  b\n\n12 é".encode()  # é = c3 a9
+    teacher = [b"a", b"  ", b"b", b"\n\n", b"12", b" ", b"\xc3", b"\xa9"]
+    student = [b"a", b"  ", b"b", b"\n", b"\n", b"1", b"2", b" \xc3\xa9"]
+    t, s = align.spans(teacher, text), align.spans(student, text)
+    assert align.match(s[0], s[1], t[0], t[1]) == [0, 1, 2, None, None, None, None, None]
+    student = [b"a", b" ", b" b", b"\n\n", b"12", b" ", b"\xc3", b"\xa9"]
+    s = align.spans(student, text)
+    assert align.match(s[0], s[1], t[0], t[1]) == [0, None, None, 3, 4, 5, 6, 7]
+
+
+def test_virtual_space_of_a_dummy_prefix():
+    """SentencePiece spells "Hello world" as "▁Hello▁world": the first span starts at byte 0;
+    a token of the virtual space alone ("▁" before "12") spans [-1, 0) and matches only its twin."""
+    assert align.spans([b" Hello", b" world"], b"Hello world") == ([0, 5], [5, 11], b" ")
+    assert align.spans([b" ", b"1", b"2"], b"12") == ([-1, 0, 1], [0, 1, 2], b" ")
+    s = align.spans([b" ", b"1", b"2"], b"12")
+    t = align.spans([b"12"], b"12")
+    assert align.match(s[0], s[1], t[0], t[1]) == [None, None, None]
+    assert align.match(s[0], s[1], s[0], s[1]) == [0, 1, 2]
+
+
+def test_tokens_that_do_not_spell_the_text_name_the_token():
+    with pytest.raises(align.AlignError, match=r"token 1 \(b'x'\) at byte 2 where the text has b'c'") as e:
+        align.spans([b"ab", b"x"], b"abc")
+    assert e.value.position == 1
+
+
+def test_sentencepiece_byte_view(tokenizer):
+    v = align.vocab_bytes(tokenizer)
+    assert align.vocab_bytes(tokenizer) is v  # built once per tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    assert v.pieces[ids("▁Hello")] == b" Hello" and v.pieces[ids("▁▁")] == b"  "
+    assert v.pieces[ids("<0x0A>")] == b"\n" and v.pieces[ids("<0xE2>")] == b"\xe2"
+    assert v.pieces[ids("😀")] == EMOJI and v.pieces[ids("é")] == "é".encode()
+    assert v.pieces[tokenizer.eos_token_id] is None and v.pieces[tokenizer.bos_token_id] is None
+    # "A" and its byte-fallback twin "<0x41>" spell the same byte: a lookup gives the ordinary piece
+    assert v.pieces[ids("<0x41>")] == v.pieces[ids("A")] == b"A" and v.by_bytes[b"A"] == ids("A")
+    assert v.by_bytes[b"\n"] == ids("<0x0A>")  # no ordinary piece for a newline
+    assert v.prefix == b" " and len(v) == 32000
+
+
+def test_byte_level_byte_view(toy_pair):
+    from kdtrain.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(toy_pair["tokenizer"])
+    v = align.vocab_bytes(tok)
+    ids = tok.convert_tokens_to_ids
+    assert v.pieces[ids("Ġcapital")] == b" capital" and v.pieces[ids("Ċ")] == b"\n"
+    assert v.pieces[ids("ð")] == b"\xf0" and v.pieces[ids("Ł")] == b"\x9f"  # GPT-2's table: 0xf0 -> ð, 0x9f -> Ł
+    assert v.prefix == b"" and v.pieces[tok.eos_token_id] is None
+
+
+def test_endpoint_rows_by_hand(tokenizer):
+    """Student "▁Hi ▁ 😀 <0x0A> 1 2" against an endpoint's "Hi| |😀|\\n|12"."""
+    text = "Hi 😀\n12"
+    ids = tokenizer.convert_tokens_to_ids
+    student = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert student[:-1] == ids(["▁Hi", "▁", "😀", "<0x0A>", "1", "2"])
+    pieces = [b"Hi", b" ", EMOJI, b"\n", b"12"]
+    alts = [[(b"Hi", -0.2), (b"Hello", -2.5), (b"H", -3.0)],  # first token: the student's "▁" prefix is added
+            [(b" ", -0.2), (b" \xf0\x9f", -2.0), (b"\t", -4.0)],  # a partial UTF-8 sequence is no student token
+            [(EMOJI, -0.3), ("🙂".encode(), -1.6), (b"\xff\xfe", -3.0)],
+            [(b"\n", -0.1), (b"\n\n", -3.0), (b"  ", -5.0)],
+            [(b"12", -0.6), (b"1", -1.4), (b"2", -2.5)]]
+    rows = align.align_api(pieces, alts, text, student, align.vocab_bytes(tokenizer), k=3)
+    V = 32000
+    fill = lambda lps, m: math.log((1 - sum(math.exp(v) for v in lps)) / (V - m))  # noqa: E731
+    assert rows.ids[0] == ids(["▁Hi", "▁Hello", "▁H"]) and rows.logprobs[0] == [-0.2, -2.5, -3.0]
+    assert rows.ids[1][:2] == ids(["▁", "<0x09>"]) and rows.ids[1][2] not in rows.ids[1][:2]
+    assert rows.logprobs[1][:2] == [-0.2, -4.0] and rows.logprobs[1][2] == pytest.approx(fill([-0.2, -4.0], 2))
+    assert rows.ids[2][:2] == ids(["😀", "🙂"]) and rows.ids[2][2] == V - 1  # filled from the top id down
+    assert rows.ids[3][:2] == ids(["<0x0A>", "▁▁"])  # "\n\n" is no single piece; "  " is "▁▁"
+    assert rows.logprobs[3][:2] == [-0.1, -5.0]
+    assert rows.ids[4:] == [None, None, None]  # "1" and "2" split the teacher's "12"; EOS has no bytes
+    assert rows.aligned == 4
+    listed = sum(math.exp(v) for row in alts[:4] for _, v in row)
+    unmapped = math.exp(-2.0) + math.exp(-3.0) + math.exp(-3.0)  # " \xf0\x9f", "\xff\xfe" and "\n\n"
+    assert rows.listed_mass == pytest.approx(listed) and rows.mapped_mass == pytest.approx(listed - unmapped)
+
+
+def test_alternatives_with_the_same_student_id_add_up(tokenizer):
+    v = align.vocab_bytes(tokenizer)
+    rows = align.align_api([b"A"], [[(b"A", -1.0), (b"A", -2.0)]], "A", tokenizer.encode("A", add_special_tokens=False),
+                           v, k=1)
+    assert rows.ids[0] == [tokenizer.convert_tokens_to_ids("▁A")]
+    assert rows.logprobs[0][0] == pytest.approx(math.log(math.exp(-1.0) + math.exp(-2.0)))
+
+
+def test_filled_row_keeps_the_uniform_tail():
+    """Filled ids carry tail / (V - m) each: listed + (V - k) unlisted shares sum to 1."""
+    V = 50
+    ids, lps = align.fill_row([7, 49], [-0.5, -1.5], 5, V)
+    assert ids == [7, 49, 48, 47, 46]
+    total = sum(math.exp(v) for v in lps) + (V - 5) * math.exp(lps[-1])
+    assert total == pytest.approx(1.0, abs=1e-12)
+    assert align.fill_row([3, 4, 5], [-1.0, -2.0, -3.0], 2, V) == ([3, 4], [-1.0, -2.0])
+
+
+def test_to_student_sums_teacher_ids_that_share_a_student_id():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 6, generator=g, dtype=torch.float64), dim=-1)
+    mapping = torch.tensor([2, 0, 2, -1, 1, 2])
+    out = align.to_student(lp, mapping, 4)
+    p = lp.exp()
+    ref = torch.stack([p[:, 1], p[:, 4], p[:, 0] + p[:, 2] + p[:, 5], torch.zeros(3, dtype=torch.float64)], -1)
+    torch.testing.assert_close(out.exp(), ref)
+    assert torch.isneginf(out[:, 3]).all()
+    assert torch.equal(align.to_student(lp, torch.arange(6), 6), lp)  # a lone id keeps its bits
+
+
+TEXT = st.text(st.one_of(st.sampled_from(list("ab cé漢😀\n\t 0123456789.,'-")), st.characters()), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT, seed=st.integers(0, 2**31 - 1))
+def test_same_tokenizer_aligns_every_position_and_keeps_the_rows(tokenizer, text, seed):
+    """Teacher = student tokenizer: coverage 100%, and the rows are the teacher's top-k unchanged,
+    through both paths (an endpoint's listed alternatives; a local teacher's full distribution)."""
+    v = align.vocab_bytes(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if b"".join(v.pieces[i] or b"?" for i in ids) not in (text.encode(), b" " + text.encode()):
+        return  # the tokenizer normalises this text (e.g. unusual whitespace): nothing to align against
+    s = align.spans([v.pieces[i] for i in ids], text.encode())
+    assert align.match(s[0], s[1], s[0], s[1]) == list(range(len(ids)))
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(len(ids), len(v), generator=g) * 3, dim=-1)
+    student = align.to_student(lp, align.id_map(v, v), len(v))
+    got_ids, got_lps, mapped = align.topk_rows(student, 8)
+    top = lp.topk(8, dim=-1)
+    assert got_ids == top.indices.tolist() and got_lps == [[min(x, 0.0) for x in r] for r in top.values.tolist()]
+    assert mapped == pytest.approx(len(ids), rel=1e-5)
+
+    # Endpoint path: alternatives are pieces that are the only ones with their bytes (at the first
+    # position, ones that start with a space, as the first token of a dummy-prefix tokenizer does).
+    unique = [i for i in top.indices.flatten().tolist() if v.pieces[i] and v.by_bytes.get(v.pieces[i]) == i]
+    alts, want = [], []
+    for j, tid in enumerate(ids):
+        row = [tid] + [i for i in unique if i != tid and (j or v.pieces[i].startswith(b" "))][:3]
+        alts.append([(v.pieces[i], float(lp[j, i])) for i in row])
+        want.append(row)
+    if any(v.by_bytes[v.pieces[i]] != i for i in ids):
+        return  # a byte-fallback piece with an ordinary twin: its bytes look up the ordinary piece
+    rows = align.align_api([v.pieces[i] for i in ids], alts, text, ids, v, k=max(map(len, want)))
+    assert rows.aligned == len(ids)
+    for j, row in enumerate(want):
+        assert rows.ids[j][: len(row)] == row and rows.logprobs[j][: len(row)] == [x for _, x in alts[j]]
