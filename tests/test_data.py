@@ -238,6 +238,18 @@ def test_truncation_policy(L, kept_prompt, kept_resp):
     assert b["topk_ids"][0, pos].tolist() == tk["ids"][: len(kept_resp)]
 
 
+@pytest.mark.smoke
+def test_truncated_response_keeps_the_topk_rows_of_its_first_tokens():
+    """A response cut at the end keeps rows 0..n-1. Each row of ``topk_for`` lists its own token
+    first and encodes its index in its log-prob, so a row from the wrong end shows twice."""
+    tk = topk_for(RESP6, k=3)
+    b = collate([Sample(PROMPT10, RESP6, tk["ids"], tk["logprobs"])], 10, PAD, 3, with_reference=False)
+    pos = b["topk_mask"][0].nonzero().flatten().tolist()
+    assert len(pos) == 5  # L = 10: the prompt at its floor of 5, the response cut from 6 to 5 tokens
+    assert b["topk_ids"][0, pos, 0].tolist() == b["labels"][0, pos].tolist() == RESP6[:5]
+    assert b["topk_logprobs"][0, pos, 0].tolist() == pytest.approx([-(0.1 + 0.01 * j) for j in range(5)])
+
+
 def test_truncation_keeps_a_short_prompt_whole():
     s = Sample([BOS, 101, 102], RESP6)
     b = collate([s], 6, PAD, 0, with_reference=False)
@@ -476,3 +488,85 @@ def test_fingerprint_follows_the_shard_bytes(tmp_path, tokenizer):
     assert fp2 != fp
     a.write_text(a.read_text() + "\n")  # even a byte that changes no record
     assert load_dataset([a, b], tokenizer, V).fingerprint not in (fp, fp2)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that used to end in a traceback or a wrong reading
+
+def _load_error(tmp_path, tokenizer, raw: bytes | str, **kw) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass"))
+    with pytest.raises(DataError) as e:
+        load_dataset([path], tokenizer, V, **kw)
+    assert str(path) in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("raw, line, says", [
+    ('{"prompt": "a", "teacher_text": "b", "x": ' + "[" * 200_000 + "]" * 200_000 + "}\n", 1, "nested too deeply"),
+    ('{"prompt": "a\\ud800", "teacher_text": "b"}\n', 1, "unpaired surrogate"),
+    ('{"prompt": "a", "teacher_text": "b"}\n{"prompt": "a", "teacher_text": "b", "reference": "\\udfff"}\n', 2,
+     "'reference' holds an unpaired surrogate"),
+    ('{"messages": [{"role": "user", "content": "\\ud83d"}], "teacher_text": "b"}\n', 1, "messages[0].content"),
+    ('{"prompt": "a", "teacher_text": "b"}\n{"__header__": {"k": 2}}\n', 2, "only as the first line"),
+    (b'{"prompt": "a", "teacher_text": "b"}\n{"prompt": "\xff", "teacher_text": "b"}\n', 2, "invalid UTF-8"),
+], ids=["deep-nesting", "lone-surrogate", "surrogate-in-reference", "surrogate-in-messages", "late-header",
+        "invalid-utf8"])
+def test_bad_records_are_data_errors_naming_the_line(tmp_path, tokenizer, raw, line, says):
+    msg = _load_error(tmp_path, tokenizer, raw)
+    assert says in msg and f"line {line})" in msg
+
+
+@pytest.mark.smoke
+def test_cr_only_line_endings_are_lines(tmp_path, tokenizer):
+    """Old Mac line endings: two records, not one malformed line."""
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(b'{"prompt": "a", "teacher_text": "b"}\r{"prompt": "c", "teacher_text": "d"}\r')
+    data = load_dataset([path], tokenizer, V)
+    assert [s.response_ids for s in data.samples] == [enc(tokenizer, "b") + [EOS], enc(tokenizer, "d") + [EOS]]
+
+
+@pytest.mark.smoke
+def test_a_float_top_k_id_is_named_as_such(tmp_path, tokenizer):
+    rec = {"prompt": "a", "teacher_text": "b", "response_ids": [5, EOS], "teacher_topk": topk_for([5, EOS])}
+    rec["teacher_topk"]["ids"][1][0] = 5.0
+    msg = _load_error(tmp_path, tokenizer, json.dumps(rec) + "\n")
+    assert "5.0, not an integer token id" in msg and "row 1" in msg
+
+
+def test_messages_a_chat_template_rejects_are_a_data_error(tmp_path, tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                         "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}{% endfor %}")
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}], "teacher_text": "b"},
+        {"messages": [{"role": "tool", "content": "hi"}], "teacher_text": "b"}])
+    with pytest.raises(DataError, match=r"chat template rejected them .*unknown role tool.*line 2\)"):
+        load_dataset([path], tok, V)
+
+
+def test_a_huge_text_is_cut_before_it_is_tokenized_whole(tmp_path, tokenizer, monkeypatch):
+    """A 2 MB teacher_text and prompt with max_len 64: the tokenizer never sees more than a few
+    thousand characters, and the kept tokens equal the whole text's (its first 64 tokens of the
+    response, without EOS as truncation drops it; the prompt's last 64)."""
+    words = [f"word{i % 97} " for i in range(400_000)]
+    prompt, text = "".join(reversed(words)), "".join(words)
+    path = write_jsonl(tmp_path / "big.jsonl", [{"prompt": prompt, "teacher_text": text, "reference": text}])
+    seen = []
+    real = type(tokenizer).encode
+
+    def spy(self, t, *a, **k):
+        seen.append(len(t))
+        return real(self, t, *a, **k)
+
+    monkeypatch.setattr(type(tokenizer), "encode", spy)
+    sample = load_dataset([path], tokenizer, V, max_len=64).samples[0]
+    assert max(seen) <= 64 * 16 * 4
+    monkeypatch.undo()
+    assert sample.response_ids == enc(tokenizer, text)[:64] == sample.reference_ids
+    assert sample.prompt_ids == [BOS] + enc(tokenizer, prompt)[-64:]
+    short = write_jsonl(tmp_path / "short.jsonl", [{"prompt": "a", "teacher_text": "two words"}])
+    assert load_dataset([short], tokenizer, V, max_len=64).samples[0].response_ids == enc(tokenizer, "two words") + [EOS]

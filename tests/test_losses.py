@@ -671,3 +671,53 @@ def test_step_normalisers_make_accumulation_invariant(teacher, chunk, split):
         torch.testing.assert_close(acc[c], one[c].detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(h.grad, gh1, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w.grad, gw1, rtol=1e-6, atol=1e-6)
+
+
+# ---- re-tempering the sparse teacher; masks ----
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_top_k_covering_the_whole_vocabulary_retempers_exactly(kind):
+    """k = V at a training temperature below the capture one: teacher = student (both uniform)
+    must give 0 (it gave 15.9 when the floored tail was re-tempered as if it were mass)."""
+    V = 1000
+    ids = torch.arange(V).repeat(3, 1)
+    lp = torch.full((3, V), -math.log(V))
+    got = kl_div(torch.zeros(3, V), SparseTeacher(ids, lp, 4.0), torch.ones(3, dtype=torch.bool), 1.0, kind=kind)
+    assert got.item() == pytest.approx(0.0, abs=1e-5)
+    # and a non-uniform one: k = V re-tempered equals the dense teacher at T
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    lp = torch.log_softmax(logits * 0.25, -1).float()  # captured at T_c = 4
+    s = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    sparse = kl_div(s, SparseTeacher(ids, lp, 4.0), torch.ones(3, dtype=torch.bool), 1.0, kind=kind)
+    dense = kl_div(s, logits.float(), torch.ones(3, dtype=torch.bool), 1.0, kind=kind)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-4, abs=1e-4)
+
+
+def test_retempering_starts_from_the_true_tail_not_the_floor():
+    """A confident teacher (tail 1e-10 beyond its top 64, V = 32,000) captured at T = 1, used at
+    T = 2. Reference: the full distribution re-tempered in float64, softmax(log p / 2): its tail
+    is 0.165%. The floored tail (1e-7) re-tempered gave 5.3%; fp32 log-probs carry the true tail
+    to about +-50% (the rounding of 63 log-probs near -13), which the square root halves."""
+    V = 32000
+    p = torch.zeros(V, dtype=torch.float64)
+    p[0], p[1:64], p[64:] = 0.9999, (1e-4 - 1e-10) / 63, 1e-10 / (V - 64)
+    exact = torch.softmax(p.log() / 2, -1)[64:].sum().item()
+    buckets = sparse_teacher_buckets(SparseTeacher(torch.arange(64)[None], p.log().float()[None, :64], 1.0), 2.0, V)
+    assert exact == pytest.approx(0.00165, rel=0.01)
+    assert buckets[0, -1].exp().item() == pytest.approx(exact, rel=0.3)
+    assert buckets[0, :-1].exp().sum().item() == pytest.approx(1 - exact, rel=1e-3)
+
+
+@pytest.mark.smoke
+def test_kl_div_reads_an_integer_mask_as_boolean():
+    """A 0/1 integer mask used to index rows 0 and 1 (advanced indexing) and return a wrong value."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)
+    as_bool = torch.tensor([True, False, True, True])
+    want = kl_div(s, t, as_bool).item()
+    assert kl_div(s, t, as_bool.long()).item() == pytest.approx(want, rel=1e-6)
+    reference = ref_kl(ref_probs(t[as_bool]), ref_probs(s[as_bool])).mean().item()
+    assert want == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ValueError, match="boolean"):
+        kl_div(s, t, torch.tensor([0, 2, 1, 1]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,16 @@ def _where(path, line: int) -> str:
     return f"(file {path}, line {line})"
 
 
+def _unicode(v: str, key: str, path, line: int) -> str:
+    """JSON may spell an unpaired surrogate (an escaped ud800): not text, and no tokenizer takes it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"field '{key}' holds an unpaired surrogate {v[e.start]!r} at character {e.start} "
+                        f"{_where(path, line)}: it is not text; fix the writer's escaping.") from None
+    return v
+
+
 def _nonempty_str(rec: dict, key: str, path, line: int, required: bool) -> str | None:
     if key not in rec or rec[key] is None:
         if required:
@@ -72,26 +83,53 @@ def _nonempty_str(rec: dict, key: str, path, line: int, required: bool) -> str |
         return None
     v = rec[key]
     if not isinstance(v, str) or not v.strip():
-        raise DataError(f"field '{key}' must be a non-empty string, got {v!r} {_where(path, line)}.")
-    return v
+        raise DataError(f"field '{key}' must be a non-empty string, got {v!r:.80} {_where(path, line)}.")
+    return _unicode(v, key, path, line)
 
 
-def _render_prompt(rec: dict, tokenizer, path, line: int) -> list[int]:
+# Texts longer than CHARS_PER_TOKEN characters per needed token are tokenized in growing pieces, so
+# a 50 MB teacher_text costs what its kept tokens cost (an ordinary token spans far fewer
+# characters; a text whose tokens are longer only makes the next, 4x larger piece run).
+CHARS_PER_TOKEN = 16
+BOUNDARY = 16  # tokens next to a cut that may differ from the whole text's tokenization
+
+
+def _encode(tokenizer, text: str, limit: int | None, keep: str = "head") -> tuple[list[int], bool]:
+    """(ids, cut): the text's token ids, or, when it has more than ``limit``, ``limit`` of them
+    from the ``head`` or the ``tail`` (then ``cut`` is True). Ids away from the cut equal those of
+    the whole text: tokenizers split on whitespace first, so a cut changes only the pieces next to it."""
+    n = CHARS_PER_TOKEN * (limit or 0)
+    while limit is not None and n < len(text):
+        ids = tokenizer.encode(text[:n] if keep == "head" else text[-n:], add_special_tokens=False)
+        if len(ids) >= limit + BOUNDARY:
+            return (ids[:limit] if keep == "head" else ids[-limit:]), True
+        n *= 4
+    return tokenizer.encode(text, add_special_tokens=False), False
+
+
+def _render_prompt(rec: dict, tokenizer, path, line: int, limit: int | None = None) -> list[int]:
     if "messages" in rec and rec["messages"] is not None and "prompt" not in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
         ):
             raise DataError(f"field 'messages' must be a non-empty list of {{role, content}} strings {_where(path, line)}.")
+        for i, m in enumerate(msgs):
+            _unicode(m["role"], f"messages[{i}].role", path, line)
+            _unicode(m["content"], f"messages[{i}].content", path, line)
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # jinja2's TemplateError, or what a template raises for a role it rejects
+                raise DataError(f"field 'messages': the tokenizer's chat template rejected them ({type(e).__name__}: "
+                                f"{e}) {_where(path, line)}; use the roles it supports.") from None
             if isinstance(ids, dict):  # some tokenizer versions return a BatchEncoding
                 ids = ids["input_ids"]
             return list(ids)
         text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
     else:
         text = _nonempty_str(rec, "prompt", path, line, required=True)
-    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    return [tokenizer.bos_token_id] + _encode(tokenizer, text, limit, keep="tail")[0]  # truncation keeps the end
 
 
 def _check_ids(ids, vocab: int, field: str, path, line: int) -> list[int]:
@@ -165,7 +203,10 @@ def _check_topk_rows(ids, lps, k: int, vocab: int, path, line: int) -> None:
                             f"{len(row_l) if isinstance(row_l, list) else row_l} logprobs, expected {k} "
                             f"{_where(path, line)}.")
         for i in row_i:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise DataError(f"field 'teacher_topk.ids' row {j} has {i!r}, not an integer token id "
+                                f"{_where(path, line)}: write ids as integers (5, not 5.0).")
+            if not 0 <= i < vocab:
                 raise DataError(f"field 'teacher_topk.ids' row {j} has id {i!r} outside the vocabulary [0, {vocab}) "
                                 f"{_where(path, line)}.")
         for v in row_l:
@@ -181,16 +222,27 @@ def _check_topk_rows(ids, lps, k: int, vocab: int, path, line: int) -> None:
                             f"{_where(path, line)}: store normalised log-probabilities.")
 
 
-def parse_record(rec, tokenizer, vocab: int, path, line: int):
-    """One JSON object -> (Sample, k, capture temperature); raises DataError naming file/line/field."""
+def _with_eos(tokenizer, text: str, limit: int | None) -> list[int]:
+    ids, cut = _encode(tokenizer, text, limit)
+    return ids if cut else ids + [tokenizer.eos_token_id]  # a cut text has no end (as truncation drops EOS)
+
+
+def parse_record(rec, tokenizer, vocab: int, path, line: int, max_len: int | None = None):
+    """One JSON object -> (Sample, k, capture temperature); raises DataError naming file/line/field.
+
+    ``max_len`` (the longest sequence that will be trained on): texts are tokenized only as far as
+    that many tokens reach, so a huge record costs no more than a long one.
+    """
     if not isinstance(rec, dict):
         raise DataError(f"line is not a JSON object {_where(path, line)}.")
-    prompt_ids = _render_prompt(rec, tokenizer, path, line)
+    if "__header__" in rec:
+        raise DataError(f"a '__header__' line is allowed only as the first line of a file {_where(path, line)}.")
+    prompt_ids = _render_prompt(rec, tokenizer, path, line, max_len)
     teacher_text = _nonempty_str(rec, "teacher_text", path, line, required=True)
     if rec.get("response_ids") is not None:
         response_ids = _check_ids(rec["response_ids"], vocab, "response_ids", path, line)
     else:
-        response_ids = tokenizer.encode(teacher_text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        response_ids = _with_eos(tokenizer, teacher_text, max_len)
     topk_ids = topk_lps = temp = None
     k = 0
     if rec.get("teacher_topk") is not None:
@@ -201,42 +253,54 @@ def parse_record(rec, tokenizer, vocab: int, path, line: int):
     reference = _nonempty_str(rec, "reference", path, line, required=False)
     ref_ids = None
     if reference is not None:
-        ref_ids = tokenizer.encode(reference, add_special_tokens=False) + [tokenizer.eos_token_id]
+        ref_ids = _with_eos(tokenizer, reference, max_len)
     return Sample(prompt_ids, response_ids, topk_ids, topk_lps, ref_ids), k, temp
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def read_jsonl(path: Path, digest=None) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line of a KD JSONL file, header skipped.
 
-    Lines split on "\\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
-    allows raw inside strings (any writer with ensure_ascii=False emits them). ``digest`` (a
-    hashlib object) is fed the file's bytes.
+    Lines end at "\\n", "\\r\\n" or a lone "\\r" (JSON strings hold neither raw), not at what
+    str.splitlines() also breaks on, U+2028/U+2029/U+0085, which JSON allows raw inside strings
+    (any writer with ensure_ascii=False emits them). ``digest`` (a hashlib object) is fed the
+    file's bytes.
     """
     if not path.is_file():
         raise DataError(f"data shard {path} does not exist (io.train_shards / io.val_shards).")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"data shard {path} cannot be read ({e.strerror}).") from None
     if digest is not None:
         digest.update(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"file {path} is not UTF-8 ({e}).") from None
+        before = LINE_BREAK.split(raw[: e.start].decode("utf-8", "replace"))
+        raise DataError(f"invalid UTF-8 {_where(path, len(before))}: byte {raw[e.start]:#04x} at column "
+                        f"{len(before[-1]) + 1}; save the file as UTF-8.") from None
     out = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
+    for line_no, line in enumerate(LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON {_where(path, line_no)}: {e.msg} at column {e.colno}.") from None
+        except RecursionError:
+            raise DataError(f"malformed record {_where(path, line_no)}: nested too deeply to be KD JSONL.") from None
         if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
             continue
         out.append((line_no, rec))
     return out
 
 
-def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset:
-    """Read and validate every record of every shard before anything trains on them."""
+def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int, max_len: int | None = None) -> Dataset:
+    """Read and validate every record of every shard before anything trains on them; texts are
+    tokenized as far as ``max_len`` tokens (the longest training sequence) reach."""
     if not paths:
         raise DataError("no data shards given: set io.train_shards to one or more KD JSONL files.")
     samples: list[Sample] = []
@@ -246,7 +310,7 @@ def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int) -> Dataset
     for path in paths:
         path = Path(path)
         for line_no, rec in read_jsonl(path, h):
-            sample, k, temp = parse_record(rec, tokenizer, vocab_size, path, line_no)
+            sample, k, temp = parse_record(rec, tokenizer, vocab_size, path, line_no, max_len)
             if k:
                 if k_seen and k != k_seen[0]:
                     raise DataError(f"teacher_topk has k={k} {_where(path, line_no)} but k={k_seen[0]} at "

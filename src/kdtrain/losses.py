@@ -50,26 +50,35 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+TAIL_FLOOR = 1e-7  # the least mass a tail bucket holds (keeps the reverse KL finite)
+
+
 def _with_tail(listed: torch.Tensor) -> torch.Tensor:
-    """[N, k] log-probs -> [N, k+1] with the tail bucket log(1 - sum p), floored at 1e-7 mass."""
-    covered = torch.logsumexp(listed, dim=-1, keepdim=True).clamp(max=math.log1p(-1e-7))
+    """[N, k] log-probs -> [N, k+1] with the tail bucket log(1 - sum p), floored at TAIL_FLOOR mass."""
+    covered = torch.logsumexp(listed, dim=-1, keepdim=True).clamp(max=math.log1p(-TAIL_FLOOR))
     return torch.cat([listed, _log1mexp(covered)], dim=-1)
 
 
 def sparse_teacher_buckets(teacher: SparseTeacher, temperature: float, vocab_size: int) -> torch.Tensor:
-    """Teacher log-probs over the k listed tokens + tail, at ``temperature`` ([N, k+1], fp32)."""
+    """Teacher log-probs over the k listed tokens + tail, at ``temperature`` ([N, k+1], fp32).
+
+    Re-tempering (``T != T_c``) starts from the true tail, ``1 - sum(p_listed)`` in float64 (a
+    confident teacher's fp32 log-probs carry it to ~1e-17; fp32 arithmetic would lose it below
+    ~1e-7), spread evenly over the ``V - k`` unlisted tokens; the 1e-7 floor is applied after, as on
+    the student's side. With ``k == V`` there is no tail to re-temper: the listed tokens are the
+    whole distribution, re-tempered exactly.
+    """
     lp = teacher.logprobs.float()
-    buckets = _with_tail(lp)
     r = teacher.temperature / temperature
     if r == 1.0:
-        return buckets
+        return _with_tail(lp)
     n_rest = vocab_size - lp.shape[-1]
-    listed = lp * r
-    # k == V leaves no unlisted token to re-temper: keep the floored tail (as the student's is)
-    # rather than -inf, which made the reverse KL infinite.
-    tail = math.log(n_rest) + r * (buckets[..., -1:] - math.log(n_rest)) if n_rest > 0 else buckets[..., -1:]
-    raw = torch.cat([listed, tail], dim=-1)
-    return raw - torch.logsumexp(raw, dim=-1, keepdim=True)
+    lp64 = lp.double()
+    tail = _log1mexp(torch.logsumexp(lp64, dim=-1, keepdim=True).clamp(max=0.0))  # -inf when nothing is left
+    tail = math.log(n_rest) + r * (tail - math.log(n_rest)) if n_rest > 0 else torch.full_like(tail, -math.inf)
+    raw = torch.cat([lp64 * r, tail], dim=-1)
+    out = (raw - torch.logsumexp(raw, dim=-1, keepdim=True)).float()
+    return torch.cat([out[..., :-1], out[..., -1:].clamp(min=math.log(TAIL_FLOOR))], dim=-1)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -114,7 +123,13 @@ def _normalise(total: torch.Tensor, mask: torch.Tensor, normalizer) -> torch.Ten
 
 
 def kl_div(student_logits, teacher, mask, temperature=1.0, kind="forward_kl", beta=0.5, normalizer=None):
-    """Mean over ``mask`` of the divergence between teacher and student at temperature T, times T**2."""
+    """Mean over ``mask`` of the divergence between teacher and student at temperature T, times T**2.
+
+    ``mask`` is boolean; a 0/1 integer mask is read as one (indexing with it would pick rows 0 and 1)."""
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"kl_div: mask must be boolean (or 0/1 integers), got {mask.dtype}")
+        mask = mask.bool()
     mask = mask.reshape(-1)
     s = student_logits.reshape(mask.numel(), -1)
     if isinstance(teacher, SparseTeacher):  # [..., k] rows, flattened like the student

@@ -113,8 +113,9 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.io.tokenizer_path, cfg.arch.vocab_size if not cfg.init.base_checkpoint else None)
         vocab = len(self.tokenizer)
-        self.train_data = load_dataset(cfg.io.train_shards, self.tokenizer, vocab)
-        self.val_data = load_dataset(cfg.io.val_shards, self.tokenizer, vocab) if cfg.io.val_shards else None
+        L = max(t.seq_lengths)
+        self.train_data = load_dataset(cfg.io.train_shards, self.tokenizer, vocab, L)
+        self.val_data = load_dataset(cfg.io.val_shards, self.tokenizer, vocab, L) if cfg.io.val_shards else None
         self._check_signals(self.train_data)
 
         # Sharded runs build on the meta device and each rank fills only its own shards from the
