@@ -70,6 +70,9 @@ def main() -> None:
     if a.serve is not None:
         return serve(a.serve, a.delay)
 
+    import openai  # noqa: F401 - imported before the clock starts, as in a long run
+    import tqdm  # noqa: F401
+
     from kdtrain.gendata import GenConfig, gen_data
 
     port = free_port()

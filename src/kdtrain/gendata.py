@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -270,6 +269,7 @@ class Cache:
 
     def __init__(self, root: Path):
         self.root = root
+        self.made: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
@@ -282,10 +282,11 @@ class Cache:
 
     def put(self, key: str, entry: dict) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f, ensure_ascii=False)
+        if path.parent not in self.made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.made.add(path.parent)
+        tmp = path.with_name(f".tmp-{key}-{os.getpid()}")  # one writer per key and process at a time
+        tmp.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
         os.replace(tmp, path)
 
 
@@ -537,7 +538,8 @@ class Run:
         cfg, stats = self.cfg, self.stats
         pending = deque(self.jobs)
         in_flight: dict[asyncio.Task, tuple[Prompt, int, str, float]] = {}
-        reserved = 0.0
+        finished: asyncio.Queue = asyncio.Queue()  # tasks land here as they end: O(1) per request
+        reserved, shown = 0.0, 0.0
         try:
             while True:
                 while pending and len(in_flight) < cfg.concurrency and \
@@ -560,10 +562,13 @@ class Run:
                     reserved += worst
                     task = asyncio.create_task(_request(client, cfg, p.messages, sampling_params(cfg, j), stats,
                                                         redact))
+                    task.add_done_callback(finished.put_nowait)
                     in_flight[task] = (p, j, key, worst)
                 if not in_flight:
                     break
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                done = [await finished.get()]
+                while not finished.empty():
+                    done.append(finished.get_nowait())
                 for task in done:
                     p, j, key, worst = in_flight.pop(task)
                     reserved -= worst
@@ -578,7 +583,10 @@ class Run:
                     self.cache.put(key, entry)
                     self._accept(p, j, entry, cached=False)
                 bar.update(self.already + stats.written - bar.n)
-                bar.set_postfix_str(self._postfix(), refresh=False)
+                if time.monotonic() - shown > 0.5:
+                    bar.set_postfix_str(self._postfix(), refresh=False)
+                    shown = time.monotonic()
+            bar.set_postfix_str(self._postfix())
             if stats.stopped is None and self.already + stats.written < cfg.total:
                 stats.stopped = "out of prompts"
         finally:
