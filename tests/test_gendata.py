@@ -353,3 +353,56 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_p
     got, ref = _records(killed), _records(tmp_path / "clean.jsonl")
     assert len(got) == total and len({r["id"] for r in got}) == total
     assert {r["id"]: r["teacher_text"] for r in got} == {r["id"]: r["teacher_text"] for r in ref}
+
+
+def test_rerun_cuts_a_torn_line_and_refuses_another_commands_file(fake_server, tmp_path, capsys):
+    url, faults = fake_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    out = tmp_path / "o.jsonl"
+    args = _gen(url, [prompts], out, 6, "--model", "m", "--temperature", 0, "--cache-dir", tmp_path / "cache")
+    assert main(args) == 0
+    full = _records(out)
+    lines = out.read_bytes().split(b"\n")
+    out.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][:25])  # header, 3 records and a torn one
+    assert main([*args, "--dry-run"]) == 0
+    assert out.read_bytes().endswith(lines[4][:25])  # a dry run changes nothing
+    faults.reset()
+    assert main(args) == 0
+    assert faults.count == 0  # the missing records come from the cache
+    got = _records(out)
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in full) and len(got) == 6
+    assert main(_gen(url, [prompts], out, 6, "--model", "m", "--temperature", 0.5)) == 2
+    assert "was not written by gen-data with this" in capsys.readouterr().err
+    empty = tmp_path / "e.jsonl"
+    empty.write_bytes(b'{"__head')  # killed while writing the header
+    assert main(_gen(url, [prompts], empty, 2, "--model", "m", "--temperature", 0)) == 0
+    assert len(_records(empty)) == 2
+
+
+def test_samples_per_prompt_and_concurrent_runs_sharing_a_cache(fake_server, tmp_path):
+    import threading
+
+    url, faults = fake_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "p.jsonl", 20)
+    codes = []
+
+    def run(name):
+        codes.append(main(_gen(url, [prompts], tmp_path / f"{name}.jsonl", 30, "--model", "m", "--samples-per-prompt",
+                               2, "--cache-dir", tmp_path / "cache", "--concurrency", 4)))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0]
+    a, b = _records(tmp_path / "a.jsonl"), _records(tmp_path / "b.jsonl")
+    assert {r["id"] for r in a} == {f"p:{i}:{j}" for i in range(15) for j in range(2)}
+    assert {r["id"]: r["teacher_text"] for r in a} == {r["id"]: r["teacher_text"] for r in b}
+    by_id = {r["id"]: r for r in a}
+    assert by_id["p:3:1"]["metadata"]["sampling"]["seed"] == 1 and by_id["p:3:0"]["metadata"]["sampling"]["seed"] == 0
+    assert by_id["p:3:1"]["teacher_text"] != by_id["p:3:0"]["teacher_text"]
+    entries = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(entries) == 30 and all(json.loads(p.read_bytes())["response"]["choices"] for p in entries)

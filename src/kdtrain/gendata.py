@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -285,7 +286,7 @@ class Cache:
         if path.parent not in self.made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.made.add(path.parent)
-        tmp = path.with_name(f".tmp-{key}-{os.getpid()}")  # one writer per key and process at a time
+        tmp = path.with_name(f".tmp-{key}-{os.getpid()}-{threading.get_ident()}")  # unique to this writer
         tmp.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
         os.replace(tmp, path)
 
@@ -299,16 +300,19 @@ class Output:
         self.pending: list[str] = []
         self.last_flush = time.monotonic()
         self.f = None
+        self.keep = 0  # bytes of whole lines already in the file; a torn tail is cut at the first write
         if path.exists():
             self._resume()
 
     def _resume(self) -> None:
         raw = self.path.read_bytes()
-        keep = raw[: raw.rfind(b"\n") + 1]  # a line without its newline was torn by a kill
-        lines = keep.decode("utf-8").split("\n")[:-1] if keep else []
+        self.keep = raw.rfind(b"\n") + 1  # a line without its newline was torn by a kill
+        if self.keep == 0:  # killed before its first line was whole: start afresh
+            return
         try:
-            head = json.loads(lines[0])["__header__"] if lines else None
-        except (json.JSONDecodeError, KeyError, TypeError):
+            lines = raw[: self.keep].decode("utf-8").split("\n")[:-1]
+            head = json.loads(lines[0])["__header__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             head = None
         if head != self.header:
             raise ConfigError(f"{self.path} exists but was not written by gen-data with this --endpoint, --model and "
@@ -319,9 +323,6 @@ class Output:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{self.path} line {n} is not a gen-data record; the file was edited or written "
                                 "by something else: choose another --out.") from None
-        if len(keep) != len(raw):
-            with open(self.path, "r+b") as f:
-                f.truncate(len(keep))
 
     def add(self, rec: dict) -> None:
         self.ids.add(rec["id"])
@@ -333,10 +334,11 @@ class Output:
         if not self.pending:
             return
         if self.f is None:
-            new = not self.path.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            os.truncate(self.path, self.keep)
             self.f = open(self.path, "a", encoding="utf-8")
-            if new:
+            if self.keep == 0:
                 self.f.write(json.dumps({"__header__": self.header}) + "\n")
         self.f.write("".join(self.pending))
         self.f.flush()
