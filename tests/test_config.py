@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from kdtrain.config import ConfigError, load_config
+from kdtrain.config import Config, ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -74,3 +77,45 @@ def test_curriculum_picks_the_length_for_each_step(tmp_path):
     path.write_text("train: {seq_lengths: [16, 32, 64]}\ncurriculum: {schedule: [0, 3, 5]}\narch: {max_seq_len: 64}\n")
     cfg, _ = load_config([path])
     assert [cfg.seq_len_at(s) for s in range(7)] == [16, 16, 16, 32, 32, 64, 64]
+
+
+@pytest.mark.smoke
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; every user writes it."""
+    path = tmp_path / "lr.yaml"
+    path.write_text("optimizer: {lr: 1e-3, eps: 1E-8}\n")
+    cfg, _ = load_config([path], ["optimizer.weight_decay=5e-2", "kd.temperature=2e0"])
+    assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.optimizer.weight_decay, cfg.kd.temperature) == (1e-3, 1e-8, 0.05, 2.0)
+    assert load_config([], ["io.output_dir=1e3"])[0].io.output_dir.endswith("1e3")  # a path stays a path
+
+
+FLOAT_KEYS = [f"{s}.{f.name}" for s in ("arch", "init", "optimizer", "train", "distillation", "kd")
+              for f in dataclasses.fields(typing.get_type_hints(Config)[s]) if typing.get_type_hints(
+                  typing.get_type_hints(Config)[s])[f.name] is float]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_rejects_nan_and_infinity(key, value):
+    """``grad_clip=.nan`` used to turn clipping off silently, ``lr=.inf`` to save NaN weights."""
+    with pytest.raises(ConfigError, match=f"'{key}'.*must be a finite number"):
+        load_config([], [f"{key}={value}"])
+
+
+def test_float_keys_are_all_covered():
+    assert {"optimizer.lr", "optimizer.grad_clip", "kd.temperature", "arch.rope_theta"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.smoke
+def test_a_typo_inside_a_yaml_file_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 3\n\n  micro_bach_size: 2\noptimizer:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}, line 4: unknown key 'train.micro_bach_size'"):
+        load_config([path])
+    path.write_text("train:\n  steps: 3\noptimizr:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"line 3: unknown section 'optimizr'"):
+        load_config([path])
+    path.write_text("optimizer:\n  betas: [0.9, 0.95]\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=rf"'optimizer.lr' \(from {re.escape(str(path))}, line 3\)"):
+        load_config([path])

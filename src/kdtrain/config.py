@@ -29,11 +29,24 @@ class _Loader(yaml.SafeLoader):
     needs a dot in a float (``1.0e-3``) and would hand ``1e-3`` over as the string '1e-3'."""
 
 
+class _Float(float):
+    """A YAML float that remembers its text, so ``io.output_dir=1e3`` stays the path '1e3'."""
+
+    text: str
+
+
+def _construct_float(loader, node):
+    value = _Float(yaml.SafeLoader.construct_yaml_float(loader, node))
+    value.text = node.value
+    return value
+
+
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _key_lines(text: str) -> dict:
@@ -188,7 +201,7 @@ def _resolve_paths(section: str, key: str, value: Any, base: Path | None) -> Any
     if base is None or (section, key) not in PATH_KEYS or value is None:
         return value
     def resolve(v) -> str:
-        v = os.path.expanduser(str(v))
+        v = os.path.expanduser(getattr(v, "text", str(v)))
         return v if os.path.isabs(v) else os.path.normpath(base / v)
 
     return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
@@ -245,6 +258,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
+        if isinstance(value, _Float):  # a name that reads as a number (wandb_project: 1e3)
+            return value.text
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}.")
         return value
