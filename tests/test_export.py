@@ -258,6 +258,24 @@ def test_a_failure_mid_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_student_that_is_not_llama_is_refused_for_onnx_and_coreml(ckpt, tmp_path, monkeypatch, capsys):
+    """ExportDecoder is Llama's forward; another architecture (an init.base_checkpoint model) would
+    convert to the wrong function, so it is refused and pointed at --format hf."""
+    import kdtrain.export as ex
+
+    real = ex.load_hf
+
+    def as_qwen(path):
+        model, tok = real(path)
+        model.config.model_type = "qwen3"  # Qwen3 adds q/k norms that ExportDecoder does not apply
+        return model, tok
+
+    monkeypatch.setattr(ex, "load_hf", as_qwen)
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--format", "onnx"]) == 2
+    assert "holds a 'qwen3' model: export it with --format hf" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_stays_the_default_format(ckpt, student, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -179,6 +179,9 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "hf", precision: str = 
             export_hf(ckpt, tmp)
         else:
             model, tokenizer = load_hf(export_hf(ckpt, tmp / "hf"))
+            if model.config.model_type != "llama":
+                raise ConfigError(f"--format {fmt} exports Llama-architecture students; {ckpt} holds a "
+                                  f"{model.config.model_type!r} model: export it with --format hf.")
             tokenizer.save_pretrained(tmp / "tokenizer")
             shutil.rmtree(tmp / "hf")
             ids = torch.tensor([tokenizer(PROBE_TEXT)["input_ids"]])
