@@ -36,7 +36,8 @@ class Faults:
     """ASGI middleware: counts chat-completions requests and answers the next ones with the faults
     queued in ``script``: ``"429"`` (with ``Retry-After: retry_after``), ``"500"``, ``"timeout"`` (waits
     ``delay`` s, then answers normally), ``"malformed"`` (200 with a cut JSON body), ``"drop"`` (the
-    connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header).
+    connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header);
+    ``"ok"`` answers normally.
     With ``key`` set, a request without ``Authorization: Bearer <key>`` gets 401."""
 
     def __init__(self, app, key: str | None = None, delay: float = 3.0, retry_after: int = 1):

@@ -155,12 +155,12 @@ def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys):
     url, faults = fake_server
     prompts = _prompts(tmp_path / "p.jsonl", 10)
     out = tmp_path / "out.jsonl"
-    faults.reset("429", "500", "drop", "timeout", "malformed")
+    faults.reset("429", "ok", "500", "ok", "drop", "ok", "timeout", "ok", "malformed")  # each retry succeeds
     args = _gen(url, [prompts], out, 5, "--model", "m", "--concurrency", 1, "--timeout", 0.5, "--temperature", 0)
     assert main(args) == 0
     recs = _records(out)
     assert len(recs) == 5 and len({r["id"] for r in recs}) == 5
-    # 4 retried faults + 1 malformed body (logged, replaced by the next prompt) + 5 good answers.
+    # 4 faults and their retries + 1 malformed body (logged, replaced by the next prompt) + 1 more answer.
     assert faults.count == 10
     assert faults.times[1] - faults.times[0] >= 1.0  # Retry-After: 1 honoured
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())

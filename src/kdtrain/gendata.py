@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import random
 import threading
@@ -232,7 +233,7 @@ def plan(prompts: list[Prompt], total: int, samples: int, mix: str | None, seed:
     quota = {s: int(r * scale) for s, r in ratios.items()}
     for s in sorted(ratios, key=lambda s: (quota[s] - ratios[s] * scale, s))[: total - sum(quota.values())]:
         quota[s] += 1  # largest remainder
-    jobs = []
+    jobs: dict[str, list[tuple[Prompt, int]]] = {}
     for s in sorted(ratios):
         pool = list(by_source[s])
         random.Random(f"{seed}:{s}").shuffle(pool)
@@ -240,12 +241,11 @@ def plan(prompts: list[Prompt], total: int, samples: int, mix: str | None, seed:
             raise DataError(f"--mix gives source '{s}' {quota[s]} of --total {total} records but it has "
                             f"{len(pool)} unique prompts × --samples-per-prompt {samples} = {len(pool) * samples}; "
                             "add prompts, lower its ratio or raise --samples-per-prompt.")
-        jobs.append([(p, j) for p in pool for j in range(samples)])
-    # Interleave the sources by their ratios, so replacements for dropped records keep the mix.
-    order = sorted(((i + 0.5) / quota[s] if quota[s] else float("inf"), s, i) for s, lst in zip(sorted(ratios), jobs)
-                   for i in range(len(lst)))
-    lookup = dict(zip(sorted(ratios), jobs))
-    return [lookup[s][i] for _, s, i in order]
+        jobs[s] = [(p, j) for p in pool for j in range(samples)]
+    # Source s's i-th job sits at (i + 0.5) / quota: the first ``total`` jobs are exactly the quotas,
+    # and replacements for dropped records keep the mix.
+    order = sorted(((i + 0.5) / quota[s] if quota[s] else math.inf, s, i) for s in jobs for i in range(len(jobs[s])))
+    return [jobs[s][i] for _, s, i in order]
 
 
 # ---------------------------------------------------------------- cache and output
