@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdtrain.config import ConfigError
+from kdtrain.data import Sampler, collate
 from kdtrain.trainer import Trainer, TrainingError, lr_at, param_groups
 
 
@@ -100,6 +101,75 @@ def test_resume_is_bit_exact(make_cfg, tmp_path):
     assert [r["grad_norm"] for r in rows_r] == [r["grad_norm"] for r in rows_s[5:]]
     ws, wr = _weights(straight), _weights(resumed)
     assert all(torch.equal(ws[n], wr[n]) for n in ws)
+
+
+# ---- fast versions of the step and resume tests above, each named after what it guards ----
+
+def _grads(trainer) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.student.parameters()]
+
+
+@pytest.mark.smoke
+def test_gradients_are_zeroed_between_optimizer_steps(toy_cfg):
+    """Step 2's gradients are its own: none are left after step 1, and its backward gives the
+    same gradients as the same backward from an explicitly cleared state."""
+    trainer = Trainer(toy_cfg, log=False)
+    trainer.train_step(trainer.micro_batches(64))
+    assert all(p.grad is None or not p.grad.any() for p in trainer.student.parameters())
+    batches = trainer.micro_batches(64)
+    trainer.forward_backward(batches)
+    second = _grads(trainer)
+    for p in trainer.student.parameters():
+        p.grad = None
+    trainer.forward_backward(batches)
+    assert all(torch.equal(a, b) for a, b in zip(second, _grads(trainer)))
+
+
+@pytest.mark.smoke
+def test_learning_rate_advances_per_optimizer_step_not_per_micro_batch(make_cfg):
+    """With 3 warmup steps the optimizer steps run at lr/3 and 2lr/3 (linear warmup), whatever
+    the number of micro-batches per step (here 2)."""
+    trainer = Trainer(make_cfg("train.micro_batch_size=1", "train.grad_accum=2", "optimizer.warmup_steps=3",
+                               "train.steps=4"), log=False)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(float(opt.param_groups[0]["lr"])))
+    for _ in range(2):
+        trainer.train_step(trainer.micro_batches(64))
+    lr = trainer.cfg.optimizer.lr
+    assert seen == pytest.approx([lr / 3, 2 * lr / 3], rel=1e-12)
+
+
+@pytest.mark.smoke
+def test_accumulation_normalises_by_the_step_token_count_not_per_micro_batch(make_cfg):
+    """Two rows of different lengths as 2 micro-batches of 1 give the losses and gradients of the
+    same rows as 1 micro-batch of 2 (a mean of per-micro-batch means would weight them apart)."""
+    trainer = Trainer(make_cfg("train.micro_batch_size=1", "train.grad_accum=2"), log=False)
+    two = trainer.micro_batches(64)
+    assert int((two[0]["labels"] != -100).sum()) != int((two[1]["labels"] != -100).sum())  # else no test
+    idx = Sampler(len(trainer.train_data), trainer.cfg.train.seed).take(2)
+    one = collate([trainer.train_data.samples[i] for i in idx], 64, trainer.tokenizer.pad_token_id,
+                  trainer.train_data.k, with_reference=True)
+    assert torch.equal(one["input_ids"][1, : two[1]["input_ids"].shape[1]], two[1]["input_ids"][0])  # same rows
+    sums_two = trainer.forward_backward(two)
+    grads_two = _grads(trainer)
+    for p in trainer.student.parameters():
+        p.grad = None
+    sums_one = trainer.forward_backward([one])
+    torch.testing.assert_close(sums_two, sums_one, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_two, _grads(trainer)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.smoke
+def test_resume_restores_the_data_position(make_cfg):
+    """After one step of 2 samples (micro_batch_size 2, no accumulation) the resumed run reads
+    from position 2: the same next batch as the run that never stopped."""
+    first = Trainer(make_cfg("train.steps=2"), log=False)
+    first.train_step(first.micro_batches(64))
+    first.save()
+    resumed = Trainer(make_cfg("train.steps=2"), resume=True, log=False)
+    assert resumed.sampler.position == 2
+    assert torch.equal(resumed.micro_batches(64)[0]["input_ids"], first.micro_batches(64)[0]["input_ids"])
 
 
 KILL_SCRIPT = """
