@@ -12,6 +12,13 @@ from hypothesis import strategies as st
 
 from kdtrain import align
 
+
+def _api(pieces, alts, text, student, vocab, k):
+    """align_api on alternatives written as [(bytes, logprob)] per token."""
+    lp = torch.tensor([[v for _, v in row] for row in alts], dtype=torch.float64)
+    tops = [[{"bytes": list(b), "logprob": v} for b, v in row] for row in alts]
+    return align.align_api(pieces, tops, lp, text, student, vocab, k)
+
 pytestmark = pytest.mark.smoke
 
 EMOJI = "😀".encode()  # 4 bytes: f0 9f 98 80
@@ -95,13 +102,13 @@ def test_endpoint_rows_by_hand(tokenizer):
             [(EMOJI, -0.3), ("🙂".encode(), -1.6), (b"\xff\xfe", -3.0)],
             [(b"\n", -0.1), (b"\n\n", -3.0), (b"  ", -5.0)],
             [(b"12", -0.6), (b"1", -1.4), (b"2", -2.5)]]
-    rows = align.align_api(pieces, alts, text, student, align.vocab_bytes(tokenizer), k=3)
+    rows = _api(pieces, alts, text, student, align.vocab_bytes(tokenizer), k=3)
     V = 32000
     fill = lambda lps, m: math.log((1 - sum(math.exp(v) for v in lps)) / (V - m))  # noqa: E731
     assert rows.ids[0] == ids(["▁Hi", "▁Hello", "▁H"]) and rows.logprobs[0] == [-0.2, -2.5, -3.0]
-    assert rows.ids[1][:2] == ids(["▁", "<0x09>"]) and rows.ids[1][2] not in rows.ids[1][:2]
+    assert rows.ids[1] == ids(["▁", "<0x09>"]) + [V - 3]  # free slot s takes id V - 1 - s
     assert rows.logprobs[1][:2] == [-0.2, -4.0] and rows.logprobs[1][2] == pytest.approx(fill([-0.2, -4.0], 2))
-    assert rows.ids[2][:2] == ids(["😀", "🙂"]) and rows.ids[2][2] == V - 1  # filled from the top id down
+    assert rows.ids[2] == ids(["😀", "🙂"]) + [V - 3]
     assert rows.ids[3][:2] == ids(["<0x0A>", "▁▁"])  # "\n\n" is no single piece; "  " is "▁▁"
     assert rows.logprobs[3][:2] == [-0.1, -5.0]
     assert rows.ids[4:] == [None, None, None]  # "1" and "2" split the teacher's "12"; EOS has no bytes
@@ -113,17 +120,18 @@ def test_endpoint_rows_by_hand(tokenizer):
 
 def test_alternatives_with_the_same_student_id_add_up(tokenizer):
     v = align.vocab_bytes(tokenizer)
-    rows = align.align_api([b"A"], [[(b"A", -1.0), (b"A", -2.0)]], "A", tokenizer.encode("A", add_special_tokens=False),
-                           v, k=1)
+    rows = _api([b"A"], [[(b"A", -1.0), (b"A", -2.0)]], "A", tokenizer.encode("A", add_special_tokens=False), v, k=1)
     assert rows.ids[0] == [tokenizer.convert_tokens_to_ids("▁A")]
     assert rows.logprobs[0][0] == pytest.approx(math.log(math.exp(-1.0) + math.exp(-2.0)))
 
 
 def test_filled_row_keeps_the_uniform_tail():
-    """Filled ids carry tail / (V - m) each: listed + (V - k) unlisted shares sum to 1."""
+    """Filled ids carry tail / (V - m) each: listed + (V - k) unlisted shares sum to 1. Free slot s
+    takes id V - 1 - s, or the next lower one the row does not hold."""
     V = 50
-    ids, lps = align.fill_row([7, 49], [-0.5, -1.5], 5, V)
-    assert ids == [7, 49, 48, 47, 46]
+    ids, lps = align.fill_row([7, 47], [-0.5, -1.5], 5, V)
+    assert ids == [7, 47, 46, 45, 44]
+    assert align.fill_row([7, 3], [-0.5, -1.5], 5, V)[0] == [7, 3, 47, 46, 45]
     total = sum(math.exp(v) for v in lps) + (V - 5) * math.exp(lps[-1])
     assert total == pytest.approx(1.0, abs=1e-12)
     assert align.fill_row([3, 4, 5], [-1.0, -2.0, -3.0], 2, V) == ([3, 4], [-1.0, -2.0])
@@ -174,7 +182,30 @@ def test_same_tokenizer_aligns_every_position_and_keeps_the_rows(tokenizer, text
         want.append(row)
     if any(v.by_bytes[v.pieces[i]] != i for i in ids):
         return  # a byte-fallback piece with an ordinary twin: its bytes look up the ordinary piece
-    rows = align.align_api([v.pieces[i] for i in ids], alts, text, ids, v, k=max(map(len, want)))
+    width = max(map(len, want))
+    alts = [a + [(b"\xff", -40.0)] * (width - len(a)) for a in alts]  # K must not vary: pad with no piece
+    rows = _api([v.pieces[i] for i in ids], alts, text, ids, v, k=width)
     assert rows.aligned == len(ids)
-    for j, row in enumerate(want):
-        assert rows.ids[j][: len(row)] == row and rows.logprobs[j][: len(row)] == [x for _, x in alts[j]]
+    for j, row in enumerate(want):  # the listed alternatives, most likely first, then fills
+        listed = sorted(zip(row, [x for _, x in alts[j]]), key=lambda t: -t[1])
+        assert list(zip(rows.ids[j], rows.logprobs[j]))[: len(row)] == listed
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 6), k=st.integers(1, 6))
+def test_vectorised_rows_equal_the_row_by_row_definition(seed, K, k):
+    """build_rows against fill_row applied to each row's mapped alternatives sorted by probability
+    (duplicates merged in probability); small V so that mapped ids often sit where fills go."""
+    V = 12
+    g = torch.Generator().manual_seed(seed)
+    sid = torch.randint(-1, V, (20, K), generator=g)
+    lp = torch.log_softmax(torch.randn(20, K + 1, generator=g, dtype=torch.float64), -1)[:, :K]
+    got_ids, got_lps = align.build_rows(sid, lp, k, V)
+    for r in range(20):
+        merged: dict[int, float] = {}
+        for i, v in sorted(zip(sid[r].tolist(), lp[r].tolist()), key=lambda t: -t[1]):
+            if i >= 0:
+                merged[i] = merged.get(i, 0.0) + math.exp(v)
+        want_ids, want_lps = align.fill_row(list(merged), [math.log(p) for p in merged.values()], k, V)
+        assert got_ids[r] == want_ids
+        assert got_lps[r] == pytest.approx(want_lps, abs=1e-12)

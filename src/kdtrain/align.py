@@ -170,18 +170,52 @@ def _key(b: bytes, t_strip: bytes, s_add: bytes) -> bytes:
 
 
 def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple[list[int], list[float]]:
-    """Pad a row of ``m <= k`` mapped alternatives to ``k`` (see the module docstring)."""
+    """Pad a row of ``m <= k`` mapped alternatives to ``k``: free slot ``s`` takes the highest id from
+    ``V - 1 - s`` down that the row does not hold, with an equal share of the unmapped mass."""
     m = len(ids)
     if m >= k:
         return ids[:k], lps[:k]
     tail = max(1.0 - sum(math.exp(v) for v in lps), TAIL_FLOOR)
     share = math.log(tail / (vocab_size - m))
-    taken, extra, cand = set(ids), [], vocab_size - 1
-    while len(extra) < k - m:
-        if cand not in taken:
-            extra.append(cand)
-        cand -= 1
+    taken, extra = set(ids), []
+    for slot in range(m, k):
+        cand = vocab_size - 1 - slot
+        while cand in taken:
+            cand -= 1
+        taken.add(cand)
+        extra.append(cand)
     return ids + extra, lps + [share] * (k - m)
+
+
+def build_rows(sid: torch.Tensor, lp: torch.Tensor, k: int, vocab_size: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Rows from [A, K] student ids (-1: unmapped) and their log-probs: the mapped ones, most likely
+    first, cut to ``k``, then filled (``fill_row``). Vectorised; rows where two alternatives share a
+    student id, or where a mapped id is one a fill would take, go through ``fill_row`` one by one."""
+    if k > sid.shape[1]:  # room for fills beyond the listed alternatives
+        sid = torch.cat([sid, sid.new_full((sid.shape[0], k - sid.shape[1]), -1)], 1)
+        lp = torch.cat([lp, lp.new_zeros(lp.shape[0], k - lp.shape[1])], 1)
+    K = sid.shape[1]
+    lp = lp.double().clamp(max=0.0)
+    key = torch.where(sid >= 0, lp, torch.full_like(lp, -math.inf))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    sid, lp = sid.gather(1, order), lp.gather(1, order)
+    srt = torch.where(sid >= 0, sid, -1 - torch.arange(K)).sort(dim=-1).values
+    clash = (srt[:, 1:] == srt[:, :-1]).any(-1)  # a student id twice: merged below
+    kept, kept_lp = sid[:, :k], lp[:, :k]
+    mapped = kept >= 0
+    clash |= (mapped & (kept >= vocab_size - kept.shape[1])).any(-1)  # where a fill would go
+    m = mapped.sum(-1, keepdim=True)
+    tail = (1.0 - (kept_lp.exp() * mapped).sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    share = (tail / (vocab_size - m)).log().expand_as(kept_lp)
+    ids_list = torch.where(mapped, kept, vocab_size - 1 - torch.arange(kept.shape[1])).tolist()
+    lps_list = torch.where(mapped, kept_lp, share).tolist()
+    for r in clash.nonzero().flatten().tolist():  # rare: merge duplicates in probability, fill around
+        row: dict[int, float] = {}
+        for i, v in zip(sid[r].tolist(), lp[r].tolist()):
+            if i >= 0:
+                row[i] = math.log(math.exp(row[i]) + math.exp(v)) if i in row else v
+        ids_list[r], lps_list[r] = fill_row(list(row), list(row.values()), k, vocab_size)
+    return ids_list, lps_list
 
 
 @dataclass
@@ -195,19 +229,43 @@ class Rows:
     mapped_mass: float  # the part of it that maps to student ids
 
 
-def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[tuple[bytes, float]]]]:
-    """``teacher_api_logprobs`` -> (token bytes, alternatives [(bytes, logprob)] per token).
+def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[dict]], torch.Tensor]:
+    """``teacher_api_logprobs`` -> (token bytes, each token's top_logprobs entries, [n, K] their log-probs).
 
-    Checks what alignment relies on; raises AlignError naming the token position.
+    Checks the tokens' bytes, every log-probability and K; raises AlignError naming the token
+    position. All entries are checked at once, and only bad input is walked entry by entry to name
+    the first problem. The alternatives' bytes are read by ``align_api`` where a position aligns.
     """
+    try:
+        if not isinstance(entries, list) or not entries:
+            raise ValueError
+        tops = [e["top_logprobs"] for e in entries]
+        K = len(tops[0])
+        if not K or any(t.__class__ is not list or len(t) != K for t in tops):
+            raise ValueError
+        pieces = [bytes(b) if (b := e["bytes"]).__class__ is list else None for e in entries]
+        lp = torch.tensor([a["logprob"] for t in tops for a in t], dtype=torch.float64).view(len(entries), K)
+        chosen = torch.tensor([e["logprob"] for e in entries], dtype=torch.float64)
+        ok = None not in pieces and bool(torch.isfinite(lp).all() and torch.isfinite(chosen).all()
+                                         and lp.max() <= 1e-6 and chosen.max() <= 1e-6
+                                         and (lp.exp().sum(-1) <= 1 + 1e-3).all())
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+        ok = False
+    if not ok:
+        _check_entries(entries)
+        raise AlignError("'teacher_api_logprobs' holds values of the wrong type")
+    return pieces, tops, lp
+
+
+def _check_entries(entries) -> None:
+    """Walk the entries and raise AlignError for the first problem."""
     if not isinstance(entries, list) or not entries:
         raise AlignError("'teacher_api_logprobs' must be a non-empty list of per-token objects")
-    pieces, alts = [], []
     K = None
     for j, e in enumerate(entries):
         if not isinstance(e, dict):
             raise AlignError(f"token {j} is not an object", j)
-        pieces.append(_bytes_of(e, j, "bytes"))
+        _bytes_of(e, j, "bytes")
         _logprob(e, j, "logprob")
         top = e.get("top_logprobs")
         if not isinstance(top, list) or not top:
@@ -216,18 +274,19 @@ def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[tuple[bytes, flo
             K = len(top)
         elif len(top) != K:
             raise AlignError(f"token {j} has {len(top)} top_logprobs but token 0 has {K}: K must not vary", j)
-        alts.append([(_bytes_of(a, j, "top_logprobs[].bytes"), _logprob(a, j, "top_logprobs[].logprob"))
-                     for a in top])
-        if sum(math.exp(v) for _, v in alts[-1]) > 1 + 1e-3:
+        for a in top:
+            if not isinstance(a, dict):
+                raise AlignError(f"token {j} has a top_logprobs entry that is not an object", j)
+            _bytes_of(a, j, "top_logprobs[].bytes")
+        if sum(math.exp(_logprob(a, j, "top_logprobs[].logprob")) for a in top) > 1 + 1e-3:
             raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
                              "log-probabilities", j)
-    return pieces, alts
 
 
-def _bytes_of(e, j: int, name: str) -> bytes:
-    b = e.get("bytes") if isinstance(e, dict) else None
-    if not isinstance(b, list) or not b:
-        raise AlignError(f"token {j} has no '{name}' (a non-empty list of byte values); the endpoint must "
+def _bytes_of(e: dict, j: int, name: str) -> bytes:
+    b = e.get("bytes")
+    if not isinstance(b, list):  # empty is allowed: a special token (EOS) spells no text and never aligns
+        raise AlignError(f"token {j} has no '{name}' (a list of byte values); the endpoint must "
                          "return token bytes (OpenAI-compatible logprobs do)", j)
     try:
         return bytes(b)
@@ -235,49 +294,49 @@ def _bytes_of(e, j: int, name: str) -> bytes:
         raise AlignError(f"token {j} has '{name}' that are not byte values 0..255: {b[:8]!r}", j) from None
 
 
-def _logprob(e, j: int, name: str) -> float:
-    v = e.get("logprob") if isinstance(e, dict) else None
+def _logprob(e: dict, j: int, name: str) -> float:
+    v = e.get("logprob")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise AlignError(f"token {j} has '{name}' {v!r}, not a finite number", j)
     if v > 1e-6:
         raise AlignError(f"token {j} has positive '{name}' {v}: log-probabilities are <= 0", j)
-    return min(float(v), 0.0)
+    return float(v)
 
 
-def align_api(pieces: list[bytes], alts: list[list[tuple[bytes, float]]], text: str, student_ids: list[int],
-              vocab: Vocab, k: int) -> Rows:
+def _alternatives(tops: list[list[dict]], i: int) -> list[bytes]:
+    try:
+        return [bytes(b) if (b := a["bytes"]).__class__ is list else None for a in tops[i]]
+    except (KeyError, TypeError, ValueError):
+        return [_bytes_of(a, i, "top_logprobs[].bytes") if isinstance(a, dict) else None for a in tops[i]]
+
+
+def align_api(pieces: list[bytes], tops: list[list[dict]], lp: torch.Tensor, text: str,
+              student_ids: list[int], vocab: Vocab, k: int) -> Rows:
     """Rows for ``student_ids`` (the student's tokens of ``text``, any trailing EOS) from an endpoint's
     tokens and top alternatives (``parse_api_logprobs``)."""
     raw = text.encode("utf-8")
     t_starts, t_ends, _ = spans(pieces, raw)
-    s_ids = [i for i in student_ids if vocab.pieces[i] is not None]  # EOS and other specials carry no bytes
-    s_starts, s_ends, _ = spans([vocab.pieces[i] for i in s_ids], raw)
-    which = match(s_starts, s_ends, t_starts, t_ends)
-    by_bytes, V = vocab.by_bytes, len(vocab)
+    pos = [p for p, i in enumerate(student_ids) if vocab.pieces[i] is not None]  # EOS carries no bytes
+    s_starts, s_ends, _ = spans([vocab.pieces[student_ids[p]] for p in pos], raw)
+    pairs = [(j, i) for j, i in enumerate(match(s_starts, s_ends, t_starts, t_ends)) if i is not None]
     ids: list[list[int] | None] = [None] * len(student_ids)
     lps: list[list[float] | None] = [None] * len(student_ids)
-    aligned, listed, mapped = 0, 0.0, 0.0
-    j = 0
-    for pos, sid in enumerate(student_ids):
-        if vocab.pieces[sid] is None:
-            continue
-        i = which[j]
-        first = j == 0
-        j += 1
-        if i is None:
-            continue
-        row: dict[int, float] = {}
-        for b, lp in alts[i]:
-            p = math.exp(lp)
-            listed += p
-            sid_alt = by_bytes.get(_key(b, b"", vocab.prefix) if first else b)
-            if sid_alt is None:
-                continue
-            mapped += p
-            row[sid_alt] = math.log(math.exp(row[sid_alt]) + p) if sid_alt in row else lp
-        ids[pos], lps[pos] = fill_row(list(row), list(row.values()), k, V)
-        aligned += 1
-    return Rows(ids, lps, aligned, listed, mapped)
+    if not pairs:
+        return Rows(ids, lps, 0, 0.0, 0.0)
+    get, prefix = vocab.by_bytes.get, vocab.prefix
+    keys = [_alternatives(tops, i) for _, i in pairs]
+    if None in (b for row in keys for b in row):
+        i = next(i for (_, i), row in zip(pairs, keys) if None in row)
+        raise AlignError(f"token {i} has a top_logprobs entry without 'bytes' (a list of byte values)", i)
+    if pairs[0][0] == 0:  # the student's first token: its virtual space goes in front
+        keys[0] = [_key(b, b"", prefix) if b else b for b in keys[0]]
+    sid = torch.tensor([[get(b, -1) for b in row] for row in keys])
+    rows_lp = lp[[i for _, i in pairs]]
+    p = rows_lp.exp()
+    row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
+    for (j, _), ri, rl in zip(pairs, row_ids, row_lps):
+        ids[pos[j]], lps[pos[j]] = ri, rl
+    return Rows(ids, lps, len(pairs), float(p.sum()), float((p * (sid >= 0)).sum()))
 
 
 # ---- a local teacher with another tokenizer: its full distribution, mapped to student ids ----
@@ -320,11 +379,6 @@ def topk_rows(student_lps: torch.Tensor, k: int) -> tuple[list[list[int]], list[
     """Top-k of each [n, V_s] row, filled where fewer than k ids have mass; also the mapped mass."""
     top = student_lps.topk(k, dim=-1)
     mapped = float(torch.logsumexp(student_lps.double(), dim=-1).exp().sum())
-    ids_out, lps_out = [], []
-    V = student_lps.shape[-1]
-    for ids, lps in zip(top.indices.tolist(), top.values.tolist()):
-        finite = [(i, min(v, 0.0)) for i, v in zip(ids, lps) if v != -math.inf]
-        row_ids, row_lps = fill_row([i for i, _ in finite], [v for _, v in finite], k, V)
-        ids_out.append(row_ids)
-        lps_out.append(row_lps)
-    return ids_out, lps_out, mapped
+    sid = torch.where(torch.isneginf(top.values), -1, top.indices)
+    ids, lps = build_rows(sid.cpu(), top.values.cpu(), k, student_lps.shape[-1])
+    return ids, lps, mapped

@@ -131,9 +131,9 @@ def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | 
                         "or pass --teacher DIR to annotate with a local teacher.")
     _, response, n = _student_rows(rec, tok, len(vocab), path, line_no, max_len)
     try:
-        pieces, alts = align.parse_api_logprobs(rec["teacher_api_logprobs"])
-        width = min(k or len(alts[0]), len(alts[0]))
-        rows = align.align_api(pieces, alts, rec["teacher_text"], response, vocab, width)
+        pieces, tops, lp = align.parse_api_logprobs(rec["teacher_api_logprobs"])
+        K = lp.shape[1]
+        rows = align.align_api(pieces, tops, lp, rec["teacher_text"], response, vocab, min(k or K, K))
     except align.AlignError as e:
         at = f", teacher_api_logprobs position {e.position}" if e.position is not None else ""
         raise DataError(f"field 'teacher_api_logprobs': {e} {where}{at}).") from None
@@ -141,7 +141,7 @@ def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | 
     rep.aligned += sum(r is not None for r in rows.ids[:n])
     rep.teacher_mass += rows.listed_mass
     rep.mapped_mass += rows.mapped_mass
-    return response[:n], rows.ids[:n], rows.logprobs[:n], len(alts[0])
+    return response[:n], rows.ids[:n], rows.logprobs[:n], K
 
 
 class _LocalTeacher:
