@@ -322,34 +322,46 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def _quiet_main(argv):
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os._exit(main(argv))
+
+
 @pytest.mark.slow
 def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_path):
-    """Ten SIGKILLs, each a random moment after the output has grown by a random number of records
-    (so each lands mid-run on any machine), then the same command to completion."""
-    total = 600
+    """Ten SIGKILLs of ``kdtrain gen-data`` processes, each a random moment after the output has grown
+    by a random number of records (so each lands mid-run on any machine), then the same command as a
+    fresh ``python -m kdtrain`` to completion. The killed processes are forked from this one, which has
+    imported kdtrain already: a fresh interpreter per kill would spend the test's time importing torch."""
+    import multiprocessing
+
+    total = 500
     prompts = _prompts(tmp_path / "p.jsonl", total + 50)
     rng = random.Random(0)
-    env = {**os.environ, "KD_TEST_KEY": KEY}
+    killed = tmp_path / "killed.jsonl"
     with serve(Faults(fake_chat_app(delay=0.2))) as url:
-        def cmd(out, cache, concurrency):
-            return [sys.executable, "-m", "kdtrain", *_gen(url, [prompts], out, total, "--model", "m", "--temperature",
-                                                           0, "--concurrency", concurrency, "--cache-dir", cache)]
+        def argv(out, cache, concurrency):
+            return _gen(url, [prompts], out, total, "--model", "m", "--temperature", 0, "--concurrency", concurrency,
+                        "--cache-dir", cache)
 
-        killed = tmp_path / "killed.jsonl"
         for _ in range(10):
-            target = _lines(killed) + rng.randint(1, 40)
-            proc = subprocess.Popen(cmd(killed, tmp_path / "c1", 8), env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            target = _lines(killed) + rng.randint(1, 32)
+            proc = multiprocessing.get_context("fork").Process(target=_quiet_main, args=(argv(killed, tmp_path / "c1", 8),))
+            proc.start()
             deadline = time.monotonic() + 30
-            while proc.poll() is None and _lines(killed) < target and time.monotonic() < deadline:
+            while proc.is_alive() and _lines(killed) < target and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.3))
-            assert proc.poll() is None, "the run ended before its kill"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        assert _lines(killed) < total
-        subprocess.run(cmd(killed, tmp_path / "c1", 8), env=env, check=True, capture_output=True)
-        subprocess.run(cmd(tmp_path / "clean.jsonl", tmp_path / "c2", 64), env=env, check=True, capture_output=True)
+            assert proc.is_alive(), "the run ended before its kill"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+        assert 0 < _lines(killed) < total
+        env = {**os.environ, "KD_TEST_KEY": KEY}
+        subprocess.run([sys.executable, "-m", "kdtrain", *argv(killed, tmp_path / "c1", 8)], env=env, check=True,
+                       capture_output=True)
+        assert main(argv(tmp_path / "clean.jsonl", tmp_path / "c2", 64)) == 0
     got, ref = _records(killed), _records(tmp_path / "clean.jsonl")
     assert len(got) == total and len({r["id"] for r in got}) == total
     assert {r["id"]: r["teacher_text"] for r in got} == {r["id"]: r["teacher_text"] for r in ref}
