@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -399,3 +401,49 @@ def test_resume_with_changed_dataset_or_shape_is_refused(change, toy, tmp_path, 
         overrides, expect = ["arch.d_ff=128", "init.weights=null"], "model shape changed"
     with pytest.raises(TrainingError, match=expect):
         Trainer(make_cfg("train.steps=2", *overrides), resume=True, log=False)
+
+
+SIGNAL_ARGS = ["train.steps=20", "train.eval_every=0", "io.val_shards=[]", "tracing.console_log=false"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _losses(path):
+    return [(r["step"], r["total"], r["kl_div"], r["ce_teacher"], r["ce_ground_truth"])
+            for r in map(json.loads, path.read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def straight_run(toy, tmp_path_factory):
+    """The uninterrupted reference, in its own process like the interrupted one."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run([sys.executable, "-m", "kdtrain", "train", str(toy["config"]), *SIGNAL_ARGS,
+                    f"io.output_dir={out}"], env=ONE_THREAD, check=True, capture_output=True, timeout=600)
+    return _losses(out / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_checkpoints_and_resume_continues_exactly(toy, tmp_path, straight_run, signum):
+    """What a scheduler does before preempting a job (SIGTERM), or a user's Ctrl-C: the current step
+    finishes, a checkpoint is written, one line says so, and --resume gives the losses of an
+    uninterrupted run, bit for bit (CPU, fp32, the same thread count in every process)."""
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kdtrain", "train", str(toy["config"]), *SIGNAL_ARGS, f"io.output_dir={run}"]
+    proc = subprocess.Popen(cmd, env=ONE_THREAD, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name} after step" in lines[0], err
+    stopped = int(lines[0].split("after step ")[1].split(";")[0])
+    assert 2 <= stopped < 20
+    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    done = subprocess.run(cmd + ["--resume"], env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert _losses(metrics) == straight_run
