@@ -131,3 +131,41 @@ def test_cpu_offload_on_cpu_processes_is_refused_on_every_rank(toy, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("with train.device=cpu they are there already") >= 1
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+META_BUILD = '''
+import sys, torch
+import kdtrain.model as M
+from kdtrain.config import load_config
+from kdtrain.distributed import setup, shard
+
+M.INIT_BLOCK = 999  # many blocks, none aligned with a shard boundary
+cfg, _ = load_config([sys.argv[1]], ["init.weights=null", f"train.device={sys.argv[2]}"])
+state = setup(cfg)
+student = M.build_student(cfg, "meta")
+shard(M.Distiller(student, cfg), None, state, cfg)
+M.materialise(student, cfg, state.device)
+full = {k: v.full_tensor().cpu() for k, v in student.state_dict().items()}
+if state.rank == 0:
+    plain = M.build_student(cfg)
+    ref = plain.state_dict()
+    assert full.keys() == ref.keys()
+    bad = [k for k in ref if not torch.equal(full[k], ref[k])]
+    bad += [n for n, b in student.named_buffers() if not torch.equal(b.cpu(), dict(plain.named_buffers())[n])]
+    print("MISMATCH", bad) if bad else print("SAME", len(ref))
+state.close()
+'''
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_built_shards_equal_the_plain_build(toy, tmp_path, device):
+    """Built on the meta device, sharded over 2 ranks and filled shard by shard, the student has
+    exactly the weights (and RoPE buffers) of the plain single-process build."""
+    script = tmp_path / "meta_build.py"
+    script.write_text(META_BUILD)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(toy["config"]), device], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SAME 21" in proc.stdout, proc.stdout[-2000:]

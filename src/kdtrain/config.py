@@ -108,6 +108,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on CUDA)
     grad_checkpointing: bool = False
     cpu_offload: bool = False  # FSDP2: sharded params, grads and AdamW state in CPU memory (step on CPU)
+    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward (false: keep them for the backward)
     compile: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the fused output-projection + loss
     device: str = "auto"  # auto | cpu | cuda

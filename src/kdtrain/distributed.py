@@ -120,9 +120,11 @@ def shard(model, teacher, state: DistState, cfg: Config):
     offload = CPUOffloadPolicy() if cfg.train.cpu_offload else OffloadPolicy()
     layers = model.student.model.layers
     for i, layer in enumerate(layers):
-        # The last layer's gather is reused right away by backward: keep it.
+        # The last layer's gather is reused right away by backward: keep it. With
+        # train.reshard_after_forward=false every layer keeps its gather until its backward.
         last = i == len(layers) - 1
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=not last)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=cfg.train.reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
     # Each rank's loss is already divided by the global token count: gradients must be summed
     # across ranks, not averaged (FSDP's default divides by the world size).
@@ -143,8 +145,14 @@ def shard(model, teacher, state: DistState, cfg: Config):
 
 
 def _local_tensors(state):
+    """The plain tensors of a state tree: a DTensor's local shard; a tensor subclass's inner
+    tensors (torchao's low-bit optimizer state: codes, scales, map), which are what is stored."""
     if isinstance(state, torch.Tensor):
-        yield state.to_local() if hasattr(state, "to_local") else state
+        t = state.to_local() if hasattr(state, "to_local") else state
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            yield from _local_tensors([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+        else:
+            yield t
     elif isinstance(state, dict):
         for v in state.values():
             yield from _local_tensors(v)

@@ -9,6 +9,7 @@ which keeps the fused flash kernels, eager or compiled.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from .config import ArchConfig, Config, ConfigError
 from .data import IGNORE
 from .losses import SparseTeacher, Targets, kd_loss
+from .optim import STATE_BYTES
 
 
 CAUSAL_ATTENTION = "kdtrain_causal"
@@ -93,46 +95,75 @@ def load_hf_causal_lm(path: Path, key: str, **kwargs):
 INIT_BLOCK = 1 << 22  # elements drawn from one generator
 
 
+def _local_rows(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A weight's values held here, 2-D (rows x the rest), and the index of their first row in the
+    full weight: all of it, or an FSDP2 shard (a DTensor sharded on dim 0)."""
+    if hasattr(w, "to_local"):
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if any(pl != Shard(0) and not pl.is_replicate() for pl in w.placements):
+            raise ValueError(f"seeded_init fills row shards only, got placements {w.placements}")
+        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        local, row0 = w.to_local(), offset[0]
+    else:
+        local, row0 = w.detach(), 0
+    cols = math.prod(w.shape[1:])
+    return local.view(local.shape[0] if w.ndim else 1, cols), row0
+
+
 def seeded_init(model: nn.Module, seed: int, std: float) -> None:
     """Hugging Face's Llama init, drawn in parallel and reproducibly: every Linear and Embedding
     weight ~ N(0, std), zero biases and embedding padding row, norms at 1.
 
-    Each block of ``INIT_BLOCK`` elements of a weight has its own CPU generator, seeded from
-    (seed, parameter name, block): the same weights for any thread count, device, world size or CPU
-    (the student is built on the CPU and then moved or sharded), and a 9B init uses every core
-    (torch draws one tensor serially: 90 s for 9B on one core).
+    Each block of ``INIT_BLOCK`` elements of a weight (flattened) has its own CPU generator,
+    seeded from (seed, parameter name, block): the same weights for any thread count, device,
+    world size or CPU, and a 9B init uses every core (torch draws one tensor serially: 90 s for
+    9B on one core). On a sharded model (FSDP2 DTensors, ``materialise``) each rank draws only
+    the blocks that overlap its own shards and keeps the overlap.
     """
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    def fill(name: str, flat: torch.Tensor, block: int) -> None:
+    def fill(name: str, flat: torch.Tensor, lo: int, n_full: int, block: int) -> None:
         key = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        part = flat[block * INIT_BLOCK: (block + 1) * INIT_BLOCK]
-        # Drawn in float64, then rounded: torch's float32 normal_ has a vectorised kernel per CPU
-        # instruction set (AVX2, AVX-512, none) whose last bits differ; the float64 one is scalar.
-        part.copy_(torch.empty(part.numel(), dtype=torch.float64).normal_(0.0, std, generator=g))
+        b0, b1 = block * INIT_BLOCK, min((block + 1) * INIT_BLOCK, n_full)
+        # Drawn in float64 (the whole block: normal_'s values depend on the length drawn), then
+        # rounded: torch's float32 normal_ has a vectorised kernel per CPU instruction set (AVX2,
+        # AVX-512, none) whose last bits differ; the float64 one is scalar.
+        values = torch.empty(b1 - b0, dtype=torch.float64).normal_(0.0, std, generator=g)
+        a, b = max(b0, lo), min(b1, lo + flat.numel())
+        flat[a - lo: b - lo].copy_(values[a - b0: b - b0].to(flat.dtype))
 
     jobs, names = [], {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 w = module.weight
-                flat = w.detach().view(-1)
-                jobs += [(names[id(w)], flat, b) for b in range(-(-flat.numel() // INIT_BLOCK))]
+                rows, row0 = _local_rows(w)
+                flat, lo = rows.reshape(-1), row0 * rows.shape[1]
+                first, last = lo // INIT_BLOCK, -(-(lo + flat.numel()) // INIT_BLOCK)
+                jobs += [(names[id(w)], flat, lo, w.numel(), b) for b in range(first, last) if flat.numel()]
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                    _local_rows(module.bias)[0].zero_()
             elif "norm" in type(module).__name__.lower() and hasattr(module, "weight"):
-                module.weight.fill_(1.0)
+                _local_rows(module.weight)[0].fill_(1.0)
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             list(pool.map(lambda job: fill(*job), jobs))  # normal_ releases the GIL
         for module in model.modules():
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
+                rows, row0 = _local_rows(module.weight)
+                if row0 <= module.padding_idx < row0 + rows.shape[0]:
+                    rows[module.padding_idx - row0].zero_()
 
 
 def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init."""
+    """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init.
+
+    ``device="meta"`` (arch-built, no ``init.weights``): the model's structure without storage,
+    to be sharded and then filled by ``materialise``; no process ever holds the whole model.
+    """
     from transformers import LlamaForCausalLM
 
     if cfg.init.base_checkpoint:
@@ -144,6 +175,11 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         return model.to(device)
     from transformers.initialization import no_init_weights
 
+    if str(device) == "meta":
+        if cfg.init.weights:
+            raise ValueError("a meta-device build is filled from init.seed; build init.weights on the CPU")
+        with torch.device("meta"), no_init_weights():
+            return LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
     with no_init_weights():  # uninitialised storage: filled below, or by init.weights
         model = LlamaForCausalLM(llama_config(cfg.arch, cfg.init.std))
     if not cfg.init.weights:
@@ -156,6 +192,22 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
                               f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}; "
                               "check that arch matches the checkpoint.")
     return model.to(device)
+
+
+def materialise(model: nn.Module, cfg: Config, device: str | torch.device) -> None:
+    """Give a meta-built student (usually sharded by FSDP2 by now) storage on ``device`` and fill
+    it with ``seeded_init``: each rank allocates and draws its own shards only, so the weights
+    equal the plain build's for any world size while host memory stays at a few init blocks."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.to_empty(device=device)
+    seeded_init(model, cfg.init.seed, cfg.init.std)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LlamaRotaryEmbedding):  # its buffers are computed, not drawn
+                fresh = LlamaRotaryEmbedding(module.config)
+                for name, buf in fresh.named_buffers():
+                    getattr(module, name).copy_(buf)
 
 
 # ---- size and cost accounting (DESIGN.md, "Throughput accounting") ----
@@ -181,14 +233,17 @@ LOSS_BYTES_PER_LOGIT = 16  # live bytes per chunk logit in the chunked loss: 15-
 def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     """Peak bytes per GPU: the largest of three moments of a step.
 
-    - ``build``: the student is created in fp32 on the CPU. One GPU receives all of it
-      (4 B/param); sharded, FSDP2 moves one decoder layer at a time to the GPU and shards it,
-      then the root (embedding + head).
+    - ``build``: one GPU receives the whole fp32 student (4 B/param). Sharded, the student is
+      built on the meta device and each rank allocates its fp32 shards at once (4 B/param over
+      ``world_size``; none on the GPU with ``train.cpu_offload``); from ``init.weights`` or
+      ``init.base_checkpoint`` it is built on the CPU and FSDP2 moves one decoder layer at a time
+      to the GPU, then the root (embedding + head).
     - ``forward_end``: the chunked loss runs on top of everything the backward will need.
     - ``backward``: one decoder layer's backward, recomputing its forward under checkpointing.
 
-    Resident during the step: the training state, 16 B/param (fp32 weights, grads and both AdamW
-    moments) sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
+    Resident during the step: the training state, fp32 weights and grads (8 B/param) and the two
+    AdamW moments (8 B/param in fp32, 2.03 with ``optimizer.state_dtype: 8bit``, 1.06 with 4bit;
+    ``optim.STATE_BYTES``), sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
     activations (with checkpointing each layer's bf16 input, else every layer's working set);
     sharded, also the root (embedding + head) gathered in the compute dtype (bf16, or fp32 with
     ``precision: fp32``) and the head's gradient, both held until the end of the backward. On
@@ -206,7 +261,7 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     sharded = world_size > 1
     Vd = a.vocab_size * a.d_model
     c = 4 if t.precision == "fp32" else 2  # bytes of a gathered (compute-dtype) weight or gradient
-    state = 0 if t.cpu_offload else 16 * n["total"] / world_size
+    state = 0 if t.cpu_offload else (8 + STATE_BYTES[cfg.optimizer.state_dtype]) * n["total"] / world_size
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
     kept = a.n_layers * tokens * a.d_model * 2 if t.grad_checkpointing else a.n_layers * per_layer_act
     if sharded:
@@ -219,7 +274,12 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     layer_bwd = (2 * c + c + 4) * n["per_layer"] if sharded else 0
     forward_end = state + kept + root + last_layer + loss
     backward = state + kept + (root if sharded else 0) + recompute + layer_bwd
-    build = 4 * n["total"] if not sharded else 4 * (n["per_layer"] + 2 * Vd)
+    if not sharded:
+        build = 4 * n["total"]
+    elif cfg.init.weights or cfg.init.base_checkpoint:
+        build = 4 * (n["per_layer"] + 2 * Vd)
+    else:
+        build = 0 if t.cpu_offload else 4 * n["total"] / world_size
     return {"build": build, "state": state, "activations": kept, "root": root, "loss": loss,
             "forward_end": forward_end, "backward": backward, "train": max(forward_end, backward),
             "total": max(build, forward_end, backward)}
@@ -232,6 +292,8 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
         return None
     hints = []
     if not cfg.train.cpu_offload and need["state"] > 0.25 * gpu_bytes:
+        if cfg.optimizer.state_dtype != "4bit":
+            hints.append("optimizer.state_dtype=8bit or 4bit (low-bit AdamW moments)")
         where = "" if world_size > 1 else "torchrun on 2 or more GPUs with "
         hints.append(f"{where}train.cpu_offload=true (the training state is {need['state'] / 2**30:.1f} GiB per GPU)")
     if not cfg.train.grad_checkpointing:
@@ -286,7 +348,9 @@ class Distiller(nn.Module):
         else:
             S, labels_all = ids.shape[1], labels
             is_ref_rows = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        hidden = self.student.model(input_ids=ids).last_hidden_state
+        # No KV cache: training never reuses it, and under torch.compile with FSDP2's per-layer graph
+        # breaks its per-layer state made every layer recompile (past the limit, eager).
+        hidden = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
         valid = labels_all != IGNORE
         h = hidden[valid]
         is_ref = is_ref_rows[:, None].expand_as(valid)[valid]

@@ -27,6 +27,7 @@ from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
 from .model import Distiller, build_student, materialise, memory_warning, step_counts
+from .optim import build_optimizer, current_lr, set_lr
 from .teacher import OnlineTeacher, load_teacher_model
 from .tokenizer import load_tokenizer
 
@@ -142,10 +143,8 @@ class Trainer:
                 print(warning, file=sys.stderr, flush=True)
         if t.compile:
             self.student.model.compile()
-        o = cfg.optimizer
-        # The fused kernel runs on CUDA and on the CPU (offloaded shards): 12x the per-tensor loop there.
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=lr_at(cfg, 0),
-                                           betas=tuple(o.betas), eps=o.eps, fused=True)
+        self.optimizer = build_optimizer(param_groups(self.student, cfg.optimizer.weight_decay), cfg.optimizer,
+                                         lr_at(cfg, 0))
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.sampler = Sampler(len(self.train_data), t.seed)
         self.step = 0
@@ -248,8 +247,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(self.cfg, self.step)
+        set_lr(self.optimizer, lr_at(self.cfg, self.step))
         return {**dict(zip(COMPONENTS, values)), "grad_norm": grad_norm}
 
     def train_step(self, batches: list[dict]) -> dict:
@@ -358,8 +356,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(self.cfg, self.step)
+        set_lr(self.optimizer, lr_at(self.cfg, self.step))
 
     # ---- the loop ----
     def fit(self, until: int | None = None) -> list[dict]:
@@ -377,7 +374,7 @@ class Trainer:
                 batches = self.micro_batches(seq_len)
                 n_tok = sum(int((b[key] != self.tokenizer.pad_token_id).sum())
                             for b in batches for key in ("input_ids", "ref_input_ids") if key in b)
-                row = {"step": self.step + 1, "seq_len": seq_len, "lr": self.optimizer.param_groups[0]["lr"]}
+                row = {"step": self.step + 1, "seq_len": seq_len, "lr": current_lr(self.optimizer)}
                 row.update(self.train_step(batches))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
