@@ -1,6 +1,8 @@
-"""Training throughput of `kdtrain train` vs the naive HF-style KD step (DESIGN.md), one GPU.
+"""Training throughput of `kdtrain train` vs the naive HF-style KD step (DESIGN.md), one GPU or several.
 
     python bench/throughput.py [--seqs 2048 4096] [--steps 8] [--online] [--naive] [--grad-accum N]
+    torchrun --nproc-per-node 2 bench/throughput.py --seqs 2048    # the same step on 2 GPUs (FSDP2)
+    python bench/throughput.py --seqs --curves fp32 8bit 4bit      # loss curves per optimizer state
 
 Student: a 1.1B Llama (d_model 2048, 22 layers, 32 heads, 4 KV heads, d_ff 5632, vocab 32000).
 Data: synthetic KD JSONL (random response tokens, a normalised random top-64 per position),
@@ -9,7 +11,10 @@ real `Trainer` (bf16, chunked loss, torch.compile); the naive baseline is an HF 
 full logits, fp32 log-softmax and a gather, eager and compiled. `--online` adds the online
 1.1B-teacher mode and its naive counterpart (full-vocabulary KL). Prints tokens/s per GPU, MFU
 (DESIGN.md formula, peak 989 TFLOP/s) and peak memory. ``--grad-accum N`` makes one optimizer
-step cover N micro-batches, for kdtrain and the naive step alike.
+step cover N micro-batches, for kdtrain and the naive step alike. Under ``torchrun`` each rank
+runs the same per-GPU batch (FSDP2-sharded student) and rank 0 prints tokens/s per GPU.
+``--curves`` trains the student eagerly for ``--curve-steps`` steps from the same seed and data
+once per ``optimizer.state_dtype`` and prints the loss curves and their largest gap to fp32.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import gc
 import json
 import math
+import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -34,6 +41,7 @@ K = 64
 PROFILE = False
 ACCUM = 1
 SDPA = None  # set in main(): a context choosing the attention kernels
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def synthetic_dataset(path: Path, n: int, seq: int, seed: int = 0) -> None:
@@ -60,10 +68,15 @@ def f_tok(arch: dict, seq: int) -> float:
     return flops_per_token(ArchConfig(**arch), seq)
 
 
+def say(*args, **kw) -> None:
+    if RANK == 0:
+        print(*args, **kw)
+
+
 def report(name: str, tokens: int, times: list[float], flops: float, peak: float) -> dict:
     dt = statistics.median(times)
     tps = tokens / dt
-    print(f"{name:44s} {tps:10,.0f} tok/s  MFU {100 * tps * flops / PEAK:5.1f}%  peak {peak / 2**30:6.1f} GiB  "
+    say(f"{name:44s} {tps:10,.0f} tok/s  MFU {100 * tps * flops / PEAK:5.1f}%  peak {peak / 2**30:6.1f} GiB  "
           f"({dt * 1000:.0f} ms/step)", flush=True)
     return {"name": name, "tokens_per_s": tps, "mfu": tps * flops / PEAK, "peak_gib": peak / 2**30}
 
@@ -114,14 +127,45 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
         print_gpu_gaps(prof)
     name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}" + (f" x{ACCUM} accum" if ACCUM > 1 else "")
     r = report(name, ACCUM * B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
-    print(f"{'':44s} last step: total {row['total']:.4f}, grad norm {row['grad_norm']:.3f} "
+    say(f"{'':44s} last step: total {row['total']:.4f}, grad norm {row['grad_norm']:.3f} "
           f"(clipped above {cfg.optimizer.grad_clip})")
     if teacher_dir:
         sys_flops = f_tok(ARCH, seq) + 2 * teacher_params() + 4 * ARCH["n_layers"] * ARCH["d_model"] * seq
-        print(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")
+        say(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")
         r["system_mfu"] = r["tokens_per_s"] * sys_flops / PEAK
     del trainer
     return r
+
+
+def loss_curves(tmp: Path, states: list[str], steps: int, extra: list[str]) -> None:
+    """One eager run (same init, data and schedule) per entry of ``states``, an
+    ``optimizer.state_dtype``; prints the curves and each one's largest gap to the first's, relative
+    to the first's loss at that step. Name fp32 twice to see the run-to-run spread of bf16 steps."""
+    from kdtrain.config import load_config
+    from kdtrain.trainer import Trainer
+
+    seq, B = 2048, BATCH[2048]
+    data = tmp / "curve.jsonl"
+    if not data.exists():
+        synthetic_dataset(data, 2 * B, seq, seed=1)
+    curves = []
+    for i, state in enumerate(states):
+        cfg, _ = load_config([], [f"arch.{k}={v}" for k, v in ARCH.items()] + [
+            f"io.tokenizer_path={tmp / 'tok'}", f"io.train_shards=[{data}]", "io.val_shards=[]",
+            f"io.output_dir={tmp / f'curve{i}'}", f"train.seq_lengths=[{seq}]", f"train.micro_batch_size={B}",
+            "train.precision=bf16", "train.device=cuda", f"train.steps={steps}", "train.loss_chunk_size=8192",
+            "distillation.ce_ground_truth_weight=0", "optimizer.warmup_steps=5", f"optimizer.state_dtype={state}",
+            *extra])
+        reset()
+        trainer = Trainer(cfg, log=False)
+        curves.append([trainer.train_step(trainer.micro_batches(seq))["total"] for _ in range(steps)])
+        del trainer
+    marks = sorted({0, *range(4, steps, 5), steps - 1})
+    say("loss curves, 1.1B, seq 2048 x 8, eager: step " + " ".join(f"{m + 1:7d}" for m in marks))
+    for state, c in zip(states, curves):
+        gap = max(abs(x - r) / r for x, r in zip(c, curves[0]))
+        say(f"  {state:5s} " + " ".join(f"{c[m]:7.4f}" for m in marks)
+            + f"   max gap to {states[0]}: {100 * gap:.2f}%", flush=True)
 
 
 def print_gpu_gaps(prof, top: int = 25) -> None:
@@ -216,6 +260,9 @@ def main() -> None:
     p.add_argument("--naive", action="store_true", help="also the naive baselines")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides, e.g. train.loss_chunk_size=2048")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--curves", nargs="*", default=[], help="optimizer.state_dtype values to train loss curves for")
+    p.add_argument("--curve-steps", type=int, default=30)
+    p.add_argument("--tokenizer", help="a tokenizer directory to copy instead of building the toy one")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels and the GPU idle gaps of one kdtrain step")
     p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
                    help="attention kernels for the kdtrain step (default: PyTorch's choice)")
@@ -229,12 +276,20 @@ def main() -> None:
             "flash": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
             "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
             "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])}[a.sdpa]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if a.naive and WORLD > 1:
+        p.error("--naive runs on one GPU: launch without torchrun")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    say(f"device: {torch.cuda.get_device_name()} x {WORLD}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from kdtrain.tokenizer import build_toy_tokenizer
 
-        build_toy_tokenizer(tmp / "tok")
+        if a.tokenizer:
+            shutil.copytree(a.tokenizer, tmp / "tok")
+        else:
+            build_toy_tokenizer(tmp / "tok")
+        if a.curves:
+            loss_curves(tmp, a.curves, a.curve_steps, a.set)
         for seq in a.seqs:
             bench_kdtrain(tmp, seq, a.steps, None, a.set)
             if a.naive:

@@ -1,11 +1,17 @@
-"""The 9B worker (`configs/worker_9b.yaml`) on N GPUs: real optimizer steps at seq 4096 with
-FSDP2, activation checkpointing and CPU-offloaded optimizer state, a sharded checkpoint, and a
-resume from it. Prints tokens/s per GPU, MFU and peak memory per GPU, next to `kdtrain info`'s
-prediction.
+"""The 9B worker (`configs/worker_9b.yaml`) on N GPUs, in one launch: the build (time and host
+memory per rank), real optimizer steps at each sequence length (tokens/s per GPU, MFU, peak
+memory per GPU next to `kdtrain info`'s prediction), and optionally a sharded checkpoint (the
+training time it costs) and an exact-resume check at another world size.
 
-    python bench/worker_9b.py --gpus 2 [--steps 3] [--out /tmp/w9b]
+    python bench/worker_9b.py --gpus 2 --seqs 4096 8192 16384 [--steps 3] [--grad-accum 2]
+        [--set optimizer.state_dtype=8bit train.compile=true] [--checkpoint] [--resume-gpus 2 4]
 
-Data: synthetic KD JSONL (random tokens, top-64 rows), tokenizer: the toy tokenizer.
+Each sequence length runs one warm-up step (compilation, first allocations) and then ``--steps``
+timed steps; the figures are the median step. ``--checkpoint`` saves after the timed steps and
+reports how long training was held up (the step after the save is timed too). ``--resume-gpus``
+relaunches from that checkpoint on each listed GPU count and compares the next step's loss with
+the uninterrupted run's. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
+tokenizer: the toy tokenizer.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -24,75 +32,145 @@ from throughput import PEAK, synthetic_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "worker_9b.yaml"
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def overrides(a, out: Path) -> list[str]:
+    return [f"io.tokenizer_path={out / 'tok'}", f"io.train_shards=[{out / 'data.jsonl'}]", "io.val_shards=[]",
+            f"io.output_dir={out / 'run'}", f"train.seq_lengths=[{max(a.seqs)}]", "curriculum.schedule=[]",
+            "train.micro_batch_size=1", f"train.grad_accum={a.grad_accum}", "train.keep_checkpoints=1",
+            "tracing.use_tensorboard=false", "tracing.console_log=false", "train.steps=100000", *a.set]
+
+
+def worker(a) -> None:
+    """One rank: build, step at each length, optionally checkpoint or resume; rank 0 prints."""
+    import torch
+    import torch.distributed as dist
+
+    from kdtrain.config import load_config
+    from kdtrain.model import flops_per_token
+    from kdtrain.trainer import Trainer
+
+    out = Path(a.out)
+    cfg, _ = load_config([CONFIG], overrides(a, out))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume=a.resume, log=False)
+    build_s = time.perf_counter() - t0
+    rank, world, dev = trainer.dist.rank, trainer.dist.world_size, trainer.device
+    cuda = dev.type == "cuda"
+
+    def across(x: float, op) -> float:  # max or sum over ranks
+        t = torch.tensor([x], dtype=torch.float64, device=dev)
+        if trainer.dist.enabled:
+            dist.all_reduce(t, op=op)
+        return t.item()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    rss = across(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, dist.ReduceOp.MAX)  # KiB -> GiB
+    say = print if rank == 0 else (lambda *args, **kw: None)
+    say(f"world {world}: Trainer built in {build_s:.1f} s (model, shards, data), host peak RSS per rank "
+        f"{rss:.1f} GiB", flush=True)
+
+    pad = trainer.tokenizer.pad_token_id
+
+    def step(seq: int) -> tuple[float, dict]:
+        batches = trainer.micro_batches(seq)
+        row = {"tokens": sum(int((b["input_ids"] != pad).sum()) for b in batches)}  # this rank's
+        sync()
+        t = time.perf_counter()
+        row.update(trainer.train_step(batches))
+        sync()
+        return time.perf_counter() - t, row
+
+    if a.resume:
+        _, row = step(a.seqs[-1])
+        say(f"RESUMED world {world} step {trainer.step}: total {row['total']:.6f}", flush=True)
+        trainer.dist.close()
+        return
+    results = []
+    for seq in a.seqs:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        warm, _ = step(seq)
+        times, rows = zip(*[step(seq) for _ in range(a.steps)])
+        dt = statistics.median(times)
+        tps = across(statistics.mean(r["tokens"] for r in rows), dist.ReduceOp.SUM) / world / dt
+        peak = across(torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0, dist.ReduceOp.MAX)
+        mfu = tps * flops_per_token(cfg.arch, seq) / PEAK
+        results.append({"seq": seq, "tokens_per_s_per_gpu": tps, "mfu": mfu, "peak_gib": peak, "step_s": dt,
+                        "warmup_s": warm, "totals": [r["total"] for r in rows]})
+        say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU  "
+            f"step {dt:.2f} s (warm-up {warm:.1f} s)  loss {rows[-1]['total']:.4f}", flush=True)
+    if a.checkpoint:
+        sync()
+        t = time.perf_counter()
+        path = trainer.save()
+        held = time.perf_counter() - t
+        after, row = step(a.seqs[-1])
+        done = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if rank == 0 else 0
+        say(f"checkpoint {Path(path).name}: {size / 1e9:.1f} GB; save() held training {held:.1f} s; the next step "
+            f"took {after:.2f} s; save + step {done:.1f} s", flush=True)
+        say(f"NEXT step {trainer.step}: total {row['total']:.6f}", flush=True)
+        results.append({"checkpoint_gb": size / 1e9, "save_held_s": held, "step_after_s": after,
+                        "next_total": row["total"], "next_step": trainer.step})
+    if rank == 0:
+        (out / f"results_{world}.json").write_text(json.dumps({"build_s": build_s, "host_rss_gib": rss,
+                                                               "runs": results}, indent=1))
+    trainer.dist.close()
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--seqs", type=int, nargs="+", default=[4096])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length (after one warm-up)")
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--out", default="/tmp/worker_9b")
-    p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides")
+    p.add_argument("--checkpoint", action="store_true", help="save after the timed steps and time the stall")
+    p.add_argument("--resume-gpus", type=int, nargs="*", default=[], help="resume that checkpoint on these counts")
     p.add_argument("--timeout", type=float, default=None, help="seconds per launch")
-    p.add_argument("--no-resume", action="store_true", help="skip the resume run (it writes a second checkpoint)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        return worker(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from kdtrain.config import load_config
-    from kdtrain.model import flops_per_token, memory_estimate
+    from kdtrain.model import memory_estimate
     from kdtrain.tokenizer import build_toy_tokenizer
 
     if not (out / "tok").is_dir():
         build_toy_tokenizer(out / "tok")
-    data = out / f"data{a.seq}.jsonl"
-    if not data.exists():
-        synthetic_dataset(data, 2 * a.gpus * a.grad_accum, a.seq)
-    overrides = [f"io.tokenizer_path={out / 'tok'}", f"io.train_shards=[{data}]", "io.val_shards=[]",
-                 f"io.output_dir={out / 'run'}", f"train.seq_lengths=[{a.seq}]", "curriculum.schedule=[]",
-                 "train.micro_batch_size=1", f"train.grad_accum={a.grad_accum}", "train.cpu_offload=true",
-                 "train.keep_checkpoints=1", "tracing.use_tensorboard=false", "tracing.console_log=false", *a.set]
-    cfg, _ = load_config([CONFIG], overrides + [f"train.steps={a.steps}"])
-    predicted = memory_estimate(cfg, a.gpus)["total"] / 2**30
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    synthetic_dataset(out / "data.jsonl", a.gpus * a.grad_accum, max(a.seqs))
+    for seq in a.seqs:
+        cfg, _ = load_config([CONFIG], overrides(a, out) + [f"train.seq_lengths=[{seq}]"])
+        print(f"kdtrain info, seq {seq}, {a.gpus} GPUs: {memory_estimate(cfg, a.gpus)['total'] / 2**30:.1f} GiB/GPU")
+    shutil.rmtree(out / "run", ignore_errors=True)
 
-    def launch(steps: int, resume: bool) -> float:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.gpus}",
-               "-m", "kdtrain", "train", str(CONFIG), *overrides, f"train.steps={steps}"] + (["--resume"] if resume else [])
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
-        return time.perf_counter() - t0
+    def launch(n: int, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
+               "--worker", "--out", str(out), "--seqs", *map(str, a.seqs), "--steps", str(a.steps),
+               "--grad-accum", str(a.grad_accum), "--set", *a.set, *extra]
+        subprocess.run(cmd, check=True, env={**os.environ, **ENV}, timeout=a.timeout)
 
-    ckdir = out / "run" / "checkpoints"
-    shutil.rmtree(out / "run", ignore_errors=True)  # each bench run starts a new training run
     print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
     try:
-        wall = launch(a.steps, resume=False)
-        size = sum(f.stat().st_size for f in ckdir.rglob("*") if f.is_file())
-        print(f"first run: {a.steps} steps in {wall:.0f} s (incl. start-up, build, data, checkpoint); "
-              f"checkpoint {size / 1e9:.1f} GB: {[p.name for p in sorted(ckdir.glob('step_*'))]}", flush=True)
-        if not a.no_resume:
-            # With one 9B checkpoint on a 128 GB disk, the resumed run's own checkpoint is refused
-            # (kdtrain checks the free space before writing); the resumed step is logged first.
-            try:
-                wall = launch(a.steps + 1, resume=True)
-                print(f"resumed run: 1 step in {wall:.0f} s (incl. start-up, build, load, checkpoint)")
-            except subprocess.CalledProcessError as e:
-                print(f"resumed run exited with {e.returncode}: if step {a.steps + 1} is listed below, it trained "
-                      "and only its checkpoint failed (see the message above, e.g. not enough disk)")
+        launch(a.gpus, *(["--checkpoint"] if a.checkpoint or a.resume_gpus else []))
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        print(f"launch failed or timed out: {e}")
-    finally:
-        metrics = out / "run" / "metrics.jsonl"
-        rows2 = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
-        print(f"checkpoints: {[p.name for p in sorted(ckdir.glob('step_*'))]}")
-    f_tok = flops_per_token(cfg.arch, a.seq)
-    for r in rows2:
-        tps = r["tokens_per_s_per_gpu"]
-        print(f"step {r['step']}: total {r['total']:.4f}  {tps:,.0f} tok/s/GPU  MFU {100 * tps * f_tok / PEAK:.1f}%  "
-              f"peak {r['peak_mem_gib']:.1f} GiB/GPU")
-    measured = max((r["peak_mem_gib"] for r in rows2), default=float("nan"))
-    print(f"kdtrain info predicts {predicted:.1f} GiB/GPU; measured max {measured:.1f}")
+        sys.exit(f"launch on {a.gpus} GPUs failed: {e}")
+    for n in a.resume_gpus:
+        # The same global batch on n GPUs: grad_accum scales so that micro-batches x ranks is fixed.
+        if (a.gpus * a.grad_accum) % n:
+            print(f"skip resume on {n} GPUs: {a.gpus * a.grad_accum} micro-batches do not split over {n}")
+            continue
+        accum = a.gpus * a.grad_accum // n
+        launch(n, "--resume", "--set", *a.set, f"train.grad_accum={accum}")
 
 
 if __name__ == "__main__":
