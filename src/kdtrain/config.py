@@ -201,7 +201,9 @@ def _section_cls(name: str):
 def _resolve_paths(section: str, key: str, value: Any, base: Path | None) -> Any:
     if base is None or (section, key) not in PATH_KEYS or value is None:
         return value
-    def resolve(v) -> str:
+    def resolve(v):
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            return v  # not a path: the type check names the key
         v = os.path.expanduser(getattr(v, "text", str(v)))
         return v if os.path.isabs(v) else os.path.normpath(base / v)
 

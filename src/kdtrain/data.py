@@ -147,8 +147,9 @@ def _parse_topk(rec: dict, n: int, vocab: int, path, line: int):
         raise DataError(f"field 'teacher_topk' must be {{ids, logprobs, temperature}} {_where(path, line)}.")
     ids, lps = tk["ids"], tk["logprobs"]
     temp = tk.get("temperature", 1.0)
-    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
-        raise DataError(f"field 'teacher_topk.temperature' must be a positive number, got {temp!r} {_where(path, line)}.")
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not 0 < temp < math.inf:
+        raise DataError(f"field 'teacher_topk.temperature' must be a positive finite number, got {temp!r} "
+                        f"{_where(path, line)}.")
     if not isinstance(ids, list) or not isinstance(lps, list):
         raise DataError(f"fields 'teacher_topk.ids' and '.logprobs' must be lists of rows {_where(path, line)}.")
     for name, rows in (("ids", ids), ("logprobs", lps)):
@@ -277,7 +278,7 @@ def read_jsonl(path: Path, digest=None) -> list[tuple[int, dict]]:
     if digest is not None:
         digest.update(raw)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors write is not data
     except UnicodeDecodeError as e:
         before = LINE_BREAK.split(raw[: e.start].decode("utf-8", "replace"))
         raise DataError(f"invalid UTF-8 {_where(path, len(before))}: byte {raw[e.start]:#04x} at column "

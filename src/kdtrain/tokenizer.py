@@ -53,7 +53,11 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     if not path.is_dir():
         raise ConfigError(f"io.tokenizer_path {path} is not a tokenizer directory (run `kdtrain make-toy` "
                           "or point it at a Hugging Face tokenizer directory).")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError, RecursionError) as e:  # what transformers raises for a bad dir
+        raise ConfigError(f"io.tokenizer_path {path} holds no loadable tokenizer ({str(e).splitlines()[0]}); point it at "
+                          "a Hugging Face tokenizer directory (tokenizer.json or tokenizer.model).") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     if tok.bos_token_id is None or tok.eos_token_id is None:

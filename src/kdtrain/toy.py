@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, build_config
+from .config import Config, ConfigError, build_config
 from .model import llama_config
 
 TOPK = 8
@@ -110,7 +110,7 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
     from .tokenizer import build_toy_tokenizer
 
     if samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {samples}.")
+        raise ConfigError(f"--samples must be at least 1, got {samples}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_toy_tokenizer(out / "tokenizer", vocab)

@@ -1,0 +1,270 @@
+"""A battery of bad inputs: data, config and command line. Each one must end in the error class of
+its stage with a message that names where (file and line, config key, option), never in another
+exception, a traceback or a silent wrong reading. Checkpoints (tampered, torn, non-finite, full
+disks, signals) are in test_checkpoint.py, test_cli.py and test_trainer.py; annotate's in
+test_annotate.py; gen-data's in test_gendata.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdtrain.cli import main
+from kdtrain.config import Config, ConfigError, load_config
+from kdtrain.data import DataError, load_dataset
+
+V = 32000
+GOOD = {"prompt": "What is 2 + 2?", "teacher_text": "It is 4.", "reference": "4"}
+# Response ids [5, 2] with two top-k rows of k = 2.
+TOPK = {"prompt": "p", "teacher_text": "t", "response_ids": [5, 2],
+        "teacher_topk": {"ids": [[5, 6], [2, 3]], "logprobs": [[-0.1, -3.0], [-0.2, -2.5]], "temperature": 1.0}}
+
+NOT_TEXT = [0, 1.5, True, [], {}, ["a"], {"a": "b"}, "", "   \n\t"]
+
+
+def _set(base: dict, path: str, value) -> dict:
+    """A deep copy of ``base`` with ``path`` (dotted, list indices as numbers) set or deleted."""
+    rec = json.loads(json.dumps(base))
+    *parents, last = path.split(".")
+    node = rec
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return rec
+
+
+_DELETE = object()
+
+
+def _data_cases():
+    cases = []
+    for field in ("prompt", "teacher_text"):
+        cases.append((f"{field}-missing", _set(GOOD, field, _DELETE), field))
+        cases.append((f"{field}-null", _set(GOOD, field, None), field))
+        cases += [(f"{field}-{json.dumps(v)}", _set(GOOD, field, v), field) for v in NOT_TEXT]
+    cases += [(f"reference-{json.dumps(v)}", _set(GOOD, "reference", v), "reference") for v in NOT_TEXT]
+    for msgs in ([], "hello", [1], [{"role": 1, "content": "x"}], [{"role": "user"}], [{"content": "x"}],
+                 [{"role": "user", "content": None}], [{"role": "user", "content": ["x"]}], {"role": "user"}):
+        rec = {"messages": msgs, "teacher_text": "t"}
+        cases.append((f"messages-{json.dumps(msgs)}", rec, "messages"))
+    for ids in ([], "5", [1.5], [True], [-1], [V], [2**70], [[1]], {"a": 1}, [None]):
+        cases.append((f"response_ids-{json.dumps(ids)}", _set(TOPK, "response_ids", ids), "response_ids"))
+    topk_bad = {
+        "topk-not-object": ("teacher_topk", [1, 2]),
+        "topk-no-ids": ("teacher_topk.ids", _DELETE),
+        "topk-no-logprobs": ("teacher_topk.logprobs", _DELETE),
+        "topk-ids-not-list": ("teacher_topk.ids", "5,6"),
+        "topk-one-row-short": ("teacher_topk.ids", [[5, 6]]),
+        "topk-row-width": ("teacher_topk.ids.1", [2, 3, 4]),
+        "topk-row-empty": ("teacher_topk.ids.0", []),
+        "topk-negative-id": ("teacher_topk.ids.0.1", -6),
+        "topk-id-at-vocab": ("teacher_topk.ids.0.1", V),
+        "topk-float-id": ("teacher_topk.ids.0.1", 6.0),
+        "topk-bool-id": ("teacher_topk.ids.0.1", True),
+        "topk-string-id": ("teacher_topk.ids.0.1", "6"),
+        "topk-duplicate-id": ("teacher_topk.ids.0.1", 5),
+        "topk-positive-logprob": ("teacher_topk.logprobs.0.1", 0.5),
+        "topk-string-logprob": ("teacher_topk.logprobs.0.1", "-1"),
+        "topk-bool-logprob": ("teacher_topk.logprobs.0.1", False),
+        "topk-null-logprob": ("teacher_topk.logprobs.0.1", None),
+        "topk-sum-above-one": ("teacher_topk.logprobs.0", [-0.1, -0.2]),
+        "topk-null-row-one-side": ("teacher_topk.ids.1", None),
+        "topk-temperature-zero": ("teacher_topk.temperature", 0),
+        "topk-temperature-negative": ("teacher_topk.temperature", -1.0),
+        "topk-temperature-string": ("teacher_topk.temperature", "1.0"),
+        "topk-temperature-bool": ("teacher_topk.temperature", True),
+        "topk-without-response-ids": ("response_ids", _DELETE),
+    }
+    cases += [(name, _set(TOPK, path, value), "teacher_topk" if "response" not in name else "response_ids")
+              for name, (path, value) in topk_bad.items()]
+    return cases
+
+
+DATA_CASES = _data_cases()
+
+
+def _write(tmp_path, lines: list[str]):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name, rec, field", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_a_bad_record_is_a_data_error_naming_file_line_and_field(tmp_path, tokenizer, name, rec, field):
+    path = _write(tmp_path, [json.dumps(GOOD), json.dumps(rec)])  # the bad one on line 2
+    with pytest.raises(DataError) as e:
+        load_dataset([path], tokenizer, V)
+    msg = str(e.value)
+    assert str(path) in msg and "line 2" in msg, msg
+    assert field.split(".")[0] in msg or "prompt" in msg, msg
+
+
+@pytest.mark.parametrize("raw, says", [
+    ('{"prompt": "p", "teacher_text": "t"', "malformed JSON"),
+    ('{"prompt": "p", "teacher_text": "t",}', "malformed JSON"),
+    ("{'prompt': 'p', 'teacher_text': 't'}", "malformed JSON"),
+    ('{prompt: "p"}', "malformed JSON"),
+    ('[1, 2]', "not a JSON object"),
+    ('"just text"', "not a JSON object"),
+    ('null', "not a JSON object"),
+    ('42', "not a JSON object"),
+    ('{"prompt": "p", "teacher_text": "t"} {"prompt": "q"}', "malformed JSON"),
+    ('{"prompt": "p\x01", "teacher_text": "t"}', "malformed JSON"),
+    ('{"prompt": "p", "teacher_text": "t", "teacher_topk": {"ids": [[1]], "logprobs": [[NaN]]}, '
+     '"response_ids": [1]}', "non-finite"),
+    ('{"prompt": "p", "teacher_text": "t", "teacher_topk": {"ids": [[1]], "logprobs": [[-Infinity]]}, '
+     '"response_ids": [1]}', "non-finite"),
+    ('{"prompt": "p", "teacher_text": "t", "teacher_topk": {"ids": [[1]], "logprobs": [[-0.1]], '
+     '"temperature": 1e400}, "response_ids": [1]}', "positive finite"),
+], ids=["unclosed", "trailing-comma", "single-quotes", "bare-keys", "array", "string", "null", "number",
+        "two-objects", "control-char", "nan-logprob", "infinite-logprob", "infinite-temperature"])
+def test_a_bad_line_is_a_data_error_naming_file_and_line(tmp_path, tokenizer, raw, says):
+    path = _write(tmp_path, [json.dumps(GOOD), raw])
+    with pytest.raises(DataError, match=says) as e:
+        load_dataset([path], tokenizer, V)
+    assert f"file {path}, line 2)" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", json.dumps({"__header__": {"k": 2}}) + "\n"],
+                         ids=["empty", "blank-lines", "header-only"])
+def test_a_file_without_records_is_a_data_error(tmp_path, tokenizer, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match="has no records"):
+        load_dataset([path], tokenizer, V)
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path, tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert len(load_dataset([path], tokenizer, V)) == 1
+
+
+def test_k_and_capture_temperature_must_not_vary(tmp_path, tokenizer):
+    other_k = _set(TOPK, "teacher_topk.ids", [[5, 6, 7], [2, 3, 4]])
+    other_k["teacher_topk"]["logprobs"] = [[-0.1, -3.0, -4.0], [-0.2, -2.5, -4.0]]
+    path = _write(tmp_path, [json.dumps(TOPK), json.dumps(other_k)])
+    with pytest.raises(DataError, match=r"k=3 \(file .*line 2\) but k=2"):
+        load_dataset([path], tokenizer, V)
+    path = _write(tmp_path, [json.dumps(TOPK), json.dumps(_set(TOPK, "teacher_topk.temperature", 2.0))])
+    with pytest.raises(DataError, match="capture temperature must not vary"):
+        load_dataset([path], tokenizer, V)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["prompt", "teacher_text", "reference", "messages", "response_ids", "teacher_topk",
+                              "teacher_topk.ids", "teacher_topk.logprobs", "teacher_topk.temperature"]),
+       value=JSON_VALUES)
+def test_any_json_in_any_field_loads_or_is_a_data_error(tmp_path, tokenizer, field, value):
+    rec = _set(TOPK, field, value)
+    path = _write(tmp_path, [json.dumps(rec)])
+    try:
+        load_dataset([path], tokenizer, V)
+    except DataError as e:
+        assert f"file {path}, line 1" in str(e) or "has no records" in str(e)
+
+
+# ---- config ----
+
+def _float_or_int_keys():
+    out = []
+    hints = typing.get_type_hints(Config)
+    for section, cls in hints.items():
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            out.append((f"{section}.{f.name}", tp))
+    return out
+
+
+CONFIG_KEYS = _float_or_int_keys()
+WRONG = {int: ["three", "1.5", "true", "[1]", "{a: 1}"], float: ["fast", "true", "[1.0]", "{a: 1}"],
+         bool: ["yes please", "1", "[true]"], str: ["[a]", "{a: 1}", "1.5"], list: ["5", "{a: 1}", "text"]}
+
+
+def _wrong_values():
+    cases = []
+    for key, tp in CONFIG_KEYS:
+        base = typing.get_origin(tp) or tp
+        if base is typing.Union or base.__class__.__name__ == "UnionType":
+            base = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            base = typing.get_origin(base) or base
+        for v in WRONG.get(base, []):
+            if base is str and key.split(".")[0] in ("io", "init", "kd", "tracing") and v == "1.5":
+                continue  # a path or name may read as a number; it stays text
+            cases.append((key, v))
+    return cases
+
+
+CONFIG_CASES = _wrong_values()
+
+
+@pytest.mark.parametrize("key, value", CONFIG_CASES, ids=[f"{k}={v}" for k, v in CONFIG_CASES])
+def test_a_wrong_type_for_any_config_key_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([], [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("text", ["train: [1, 2]\n", "- a\n- b\n", "train: {steps: 3\n", "train:\n\tsteps: 3\n",
+                                  "42\n", "train: {steps: 3}\ntrain: {steps: 4}\n", "&a [*a]\n"],
+                         ids=["section-list", "top-list", "unclosed", "tab-indent", "scalar", "duplicate-section",
+                              "recursive-alias"])
+def test_a_malformed_config_file_is_a_config_error_naming_it(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    try:
+        cfg, _ = load_config([path])
+    except ConfigError as e:
+        assert str(path) in str(e)
+    else:  # YAML allows a repeated key (the last wins); nothing else may load
+        assert text.startswith("train: {steps: 3}") and cfg.train.steps == 4
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config([path])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([tmp_path])  # a directory
+
+
+# ---- command line ----
+
+@pytest.mark.parametrize("argv", [
+    [], ["bogus"], ["train"], ["info"], ["export"], ["annotate"], ["train", "--bogus", "configs/toy.yaml"],
+    ["info", "configs/toy.yaml", "--world-size", "two"], ["make-toy", "--samples", "many"],
+    ["train", "nonexistent.yaml"], ["train", "configs/toy.yaml", "train.steps"], ["train", "configs/toy.yaml", "=5"],
+    ["train", "configs/toy.yaml", "train.steps=[1"], ["train", "configs/toy.yaml", "train=5"],
+    ["train", "configs/toy.yaml", "nosection.steps=5"], ["info", "train.steps=5"],
+    ["info", "configs/toy.yaml", "--world-size", "-3"], ["make-toy", "--samples", "0", "--out-dir", "{tmp}"],
+    ["make-toy", "--vocab", "100", "--out-dir", "{tmp}"], ["make-toy", "--steps", "0", "--out-dir", "{tmp}"],
+    ["export", "{tmp}", "{tmp}/out"], ["export", "nonexistent", "{tmp}/out"],
+    ["train", "configs/toy.yaml", "io.train_shards=[{tmp}/none.jsonl]", "io.output_dir={tmp}/run"],
+    ["train", "configs/toy.yaml", "io.tokenizer_path={tmp}", "io.output_dir={tmp}/run"],
+    ["train", "configs/toy.yaml", "--resume", "io.output_dir={tmp}/run"],
+])
+def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, capsys, argv):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error" in err and "Traceback" not in err
