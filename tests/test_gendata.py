@@ -323,21 +323,24 @@ def _lines(path: Path) -> int:
 
 
 def _quiet_main(argv):
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
+    # Fresh stream objects: a forked child must not depend on locks that another thread held at fork time.
+    sys.stdout = sys.stderr = open(os.devnull, "w")
     os._exit(main(argv))
 
 
 @pytest.mark.slow
-def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_path):
+def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):
     """Ten SIGKILLs of ``kdtrain gen-data`` processes, each a random moment after the output has grown
     by a random number of records (so each lands mid-run on any machine), then the same command as a
     fresh ``python -m kdtrain`` to completion. The killed processes are forked from this one, which has
-    imported kdtrain already: a fresh interpreter per kill would spend the test's time importing torch."""
+    imported kdtrain already: a fresh interpreter per kill would spend the test's time importing torch.
+    They flush every 4 records, so kills land between small batches and the test stays short."""
     import multiprocessing
 
-    total = 500
+    import kdtrain.gendata
+
+    monkeypatch.setattr(kdtrain.gendata, "FLUSH_EVERY", 4)
+    total = 200
     prompts = _prompts(tmp_path / "p.jsonl", total + 50)
     rng = random.Random(0)
     killed = tmp_path / "killed.jsonl"
@@ -347,7 +350,7 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_p
                         "--cache-dir", cache)
 
         for _ in range(10):
-            target = _lines(killed) + rng.randint(1, 32)
+            target = _lines(killed) + rng.randint(1, 8)
             proc = multiprocessing.get_context("fork").Process(target=_quiet_main, args=(argv(killed, tmp_path / "c1", 8),))
             proc.start()
             deadline = time.monotonic() + 30
