@@ -64,7 +64,7 @@ def test_teacher_smaller_than_student_vocabulary_is_refused(teacher_model):
 @pytest.mark.parametrize("config, expect", [
     (None, "no config.json"),
     ({"model_type": "t5", "d_model": 8, "num_layers": 1, "num_heads": 1, "d_kv": 8, "d_ff": 8, "vocab_size": 10},
-     "not a causal language model"),
+     "not a loadable causal language model"),
 ])
 def test_teacher_path_that_is_not_a_causal_lm(tmp_path, config, expect):
     if config is not None:
@@ -77,5 +77,48 @@ def test_online_teacher_training_run(make_cfg, toy):
     from kdtrain.trainer import Trainer
 
     cfg = make_cfg("kd.teacher=online", f"kd.teacher_path={toy['teacher']}", "train.steps=12", "io.val_shards=[]")
+    rows = Trainer(cfg, log=False).fit()
+    assert rows[0]["kl_div"] > 0 and rows[-1]["kl_div"] < rows[0]["kl_div"]
+
+
+# ---- a teacher with another tokenizer ----
+
+def test_online_teacher_kind_follows_the_tokenizer_in_the_teacher_directory(toy, toy_pair, tokenizer):
+    from kdtrain.teacher import CrossTeacher, online_teacher
+
+    assert isinstance(online_teacher(toy["teacher"], "cpu", torch.float32, tokenizer), OnlineTeacher)  # none saved
+    assert isinstance(online_teacher(toy_pair["teacher"], "cpu", torch.float32, tokenizer), CrossTeacher)
+
+
+@pytest.mark.smoke
+def test_cross_teacher_batch_rows_equal_the_annotated_rows(toy, toy_pair, dataset, tokenizer, tmp_path):
+    """Online and offline agree: the rows a CrossTeacher computes for a collated batch are the rows
+    `kdtrain annotate` stores for the same records (same positions, same ids, same log-probs)."""
+    from kdtrain.annotate import annotate
+    from kdtrain.teacher import online_teacher
+
+    out = tmp_path / "cross.jsonl"
+    annotate(toy["dataset"], out, toy_pair["teacher"], toy["tokenizer"], k=8)
+    recs = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    teacher = online_teacher(toy_pair["teacher"], "cpu", torch.float32, tokenizer)
+    samples = dataset.samples[:4]
+    batch = collate(samples, 64, tokenizer.pad_token_id, 0, False)
+    rows = teacher.topk_batch(batch, k=8)
+    for b, (s, rec) in enumerate(zip(samples, recs)):
+        start = len(s.prompt_ids) - 1
+        n = len(rec["response_ids"])
+        assert rows["topk_mask"][b, start: start + n].tolist() == [r is not None for r in rec["teacher_topk"]["ids"]]
+        for j, (ri, rl) in enumerate(zip(rec["teacher_topk"]["ids"], rec["teacher_topk"]["logprobs"])):
+            if ri is not None:
+                assert rows["topk_ids"][b, start + j].tolist() == ri
+                torch.testing.assert_close(rows["topk_logprobs"][b, start + j], torch.tensor(rl), rtol=0, atol=1e-5)
+    assert not rows["topk_mask"][b, start + n:].any()
+
+
+def test_online_training_with_a_teacher_of_another_tokenizer(make_cfg, toy_pair):
+    from kdtrain.trainer import Trainer
+
+    cfg = make_cfg("kd.teacher=online", f"kd.teacher_path={toy_pair['teacher']}", "train.steps=10", "io.val_shards=[]",
+                   "distillation.ce_ground_truth_weight=0")
     rows = Trainer(cfg, log=False).fit()
     assert rows[0]["kl_div"] > 0 and rows[-1]["kl_div"] < rows[0]["kl_div"]

@@ -38,7 +38,7 @@ import torch
 
 from . import align
 from .data import DataError, _truncate, parse_record, read_jsonl
-from .teacher import load_teacher_model
+from .teacher import CrossTeacher, _has_tokenizer, load_teacher_model
 from .tokenizer import load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -82,10 +82,6 @@ def weights_hash(path) -> str:
     path = Path(path)
     files = [f for f in path.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")]
     return _hash_files(files)
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def _completed(path: Path, header: dict) -> int:
@@ -144,66 +140,6 @@ def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | 
     return response[:n], rows.ids[:n], rows.logprobs[:n], K
 
 
-class _LocalTeacher:
-    """A local teacher and the maps from its vocabulary to the student's."""
-
-    def __init__(self, path, tokenizer_path, student_tok, dev, temperature: float):
-        self.tok = load_tokenizer(tokenizer_path)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        self.model = load_teacher_model(path, dev, dtype)
-        self.t_vocab, self.s_vocab = align.vocab_bytes(self.tok), align.vocab_bytes(student_tok)
-        rows = self.model.get_output_embeddings().weight.shape[0]
-        if rows < len(self.t_vocab):
-            raise DataError(f"the teacher at {path} has {rows} output rows but its tokenizer {tokenizer_path} has "
-                            f"{len(self.t_vocab)} tokens: pass the teacher's own tokenizer with --teacher-tokenizer.")
-        self.maps = {}
-        self.dev, self.temperature = dev, temperature
-
-    def _map(self, first_t: bool, first_s: bool) -> torch.Tensor:
-        if (first_t, first_s) not in self.maps:
-            self.maps[first_t, first_s] = align.id_map(self.t_vocab, self.s_vocab, first_t, first_s).to(self.dev)
-        return self.maps[first_t, first_s]
-
-    def logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-        """[len(response), V_t] log-probs at the response positions of each (prompt, response) row."""
-        S = max(len(p) + len(r) for p, r in rows)
-        ids = torch.full((len(rows), S), self.tok.pad_token_id, dtype=torch.long)
-        for i, (p, r) in enumerate(rows):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        hidden = self.model.model(input_ids=ids.to(self.dev)).last_hidden_state
-        weight = self.model.get_output_embeddings().weight[: len(self.t_vocab)]
-        return [torch.log_softmax((hidden[i, len(p) - 1: len(p) - 1 + len(r)] @ weight.t()).float() / self.temperature,
-                                  dim=-1) for i, (p, r) in enumerate(rows)]
-
-    def rows(self, text: str, t_resp: list[int], nt: int, t_lp: torch.Tensor, s_resp: list[int], ns: int, k: int,
-             rep: Report):
-        """Student rows (None where not aligned) for ``s_resp[:ns]`` from the teacher's rows ``t_lp`` over
-        ``t_resp[:nt]``; both responses are the text's tokens + EOS."""
-        raw = text.encode("utf-8")
-        t_starts, t_ends, _ = align.spans([self.t_vocab.pieces[i] or b"" for i in t_resp[:-1]], raw)
-        s_starts, s_ends, _ = align.spans([self.s_vocab.pieces[i] or b"" for i in s_resp[:-1]], raw)
-        which = align.match(s_starts, s_ends, t_starts, t_ends)
-        pairs = [(j, i) for j, i in enumerate(which) if i is not None and j < ns and i < nt]
-        if ns == len(s_resp) and nt == len(t_resp):
-            pairs.append((ns - 1, nt - 1))  # EOS after the whole text on both sides
-        ids: list = [None] * ns
-        lps: list = [None] * ns
-        for first in ((False, False), (True, True), (True, False), (False, True)):
-            sel = [(j, i) for j, i in pairs if (i == 0, j == 0) == first]
-            if sel:
-                m = self._map(*first)
-                student = align.to_student(t_lp[[i for _, i in sel]], m, len(self.s_vocab))
-                row_ids, row_lps, mapped = align.topk_rows(student, k)
-                for (j, _), ri, rl in zip(sel, row_ids, row_lps):
-                    ids[j], lps[j] = ri, rl
-                rep.mapped_mass += mapped
-        rep.positions += ns
-        rep.aligned += len(pairs)
-        if pairs:  # 1 per row up to the float32 rounding of the log-softmax
-            rep.teacher_mass += float(torch.logsumexp(t_lp[[i for _, i in pairs]].double(), dim=-1).exp().sum())
-        return ids, lps
-
-
 def _write(out, lines: list[str]) -> None:
     out.write("".join(lines))
     out.flush()
@@ -242,7 +178,9 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
         header.update(source="local teacher", teacher=weights_hash(teacher_path) if teacher_path.is_dir() else None,
                       teacher_tokenizer=tokenizer_hash(teacher_tokenizer), k=k)
         done = _completed(output_path, header)
-        teacher = _LocalTeacher(teacher_path, teacher_tokenizer, tok, dev, temperature)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        teacher = CrossTeacher(load_teacher_model(teacher_path, dev, dtype), load_tokenizer(teacher_tokenizer), tok,
+                               temperature)
     else:
         header.update(source="teacher_api_logprobs", k=k)
         done = _completed(output_path, header)
@@ -271,7 +209,10 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
                 t_lps = teacher.logprobs([(p, r[:n]) for p, r, n in t_rows])
                 for (line_no, rec), (_, t_resp, nt), (_, s_resp, ns), t_lp in zip(chunk, t_rows, s_rows, t_lps):
                     try:
-                        ids, lps = teacher.rows(rec["teacher_text"], t_resp, nt, t_lp, s_resp, ns, k, rep)
+                        ids, lps, aligned, total, mapped = teacher.rows(rec["teacher_text"], t_resp, nt, t_lp, s_resp,
+                                                                         ns, k)
+                        rep.positions, rep.aligned = rep.positions + ns, rep.aligned + aligned
+                        rep.teacher_mass, rep.mapped_mass = rep.teacher_mass + total, rep.mapped_mass + mapped
                     except align.AlignError as e:
                         raise DataError(f"field 'teacher_text': {e} (file {input_path}, line {line_no}); a tokenizer "
                                         "that cannot spell the text byte for byte cannot be aligned.") from None

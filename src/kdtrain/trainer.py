@@ -28,7 +28,7 @@ from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
 from .model import Distiller, build_student, materialise, memory_warning, step_counts
 from .optim import build_optimizer, current_lr, set_lr
-from .teacher import OnlineTeacher, load_teacher_model
+from .teacher import online_teacher
 from .tokenizer import load_tokenizer
 
 
@@ -132,7 +132,7 @@ class Trainer:
         self.teacher = None
         if cfg.kd.teacher == "online":
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.teacher = OnlineTeacher(load_teacher_model(cfg.kd.teacher_path, self.device, dtype), vocab)
+            self.teacher = online_teacher(cfg.kd.teacher_path, self.device, dtype, self.tokenizer)
         self.model = Distiller(self.student, cfg, self.train_data.topk_temperature)
         self.model = dist_utils.shard(self.model, self.teacher, self.dist, cfg)
         if meta:
