@@ -215,7 +215,7 @@ def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp
     assert spend <= budget
     assert 5 <= len(recs) < 30 and faults.count == len(recs)
     assert summary["stopped"] == "budget"
-    assert "stopped: budget" in capsys.readouterr().out
+    assert f"of budget {budget}; stopped: budget" in capsys.readouterr().out
 
 
 @pytest.mark.smoke

@@ -121,7 +121,8 @@ def cmd_gen_data(a) -> int:
         return 0
     print(f"{summary['records']} of {summary['total']} records in {cfg.out}: {summary['requests']} requests, "
           f"{summary['cache_hits']} cache hits, {summary['retries']} retries, {summary['errors']} errors, "
-          f"spend {summary['spend']:.4f}" + (f"; stopped: {summary['stopped']}" if summary["stopped"] else ""))
+          f"spend {summary['spend']:.4f}" + (f" of budget {cfg.budget}" if cfg.budget is not None else "")
+          + (f"; stopped: {summary['stopped']}" if summary["stopped"] else ""))
     return 0
 
 
