@@ -119,3 +119,44 @@ def test_low_bit_state_resumes_bit_exact(toy, tmp_path, eager_torchao):
     trainer, second = _run(toy, tmp_path, "split", 4, *args, resume=True)
     assert first + second == straight
     assert any(type(s["exp_avg"]) is not torch.Tensor for s in trainer.optimizer.state.values())
+
+
+EAGER_KDTRAIN = """
+import sys, torch
+torch.compile = lambda fn=None, **kwargs: fn  # torchao's step, eagerly (see the module docstring)
+from kdtrain.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("kdtrain.distributed").distributed.cpu_fsdp_supported(),
+                    reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
+def test_sharded_low_bit_state_resumes_on_another_world_size(toy, tmp_path):
+    """8-bit moments of FSDP2 shards go into the DCP checkpoint written by 2 CPU processes and
+    are resharded on load: resumed on 1 process (same global batch) and on 2, the last two
+    steps match the uninterrupted run (to the fp32 summation order, as for fp32 moments)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    script = tmp_path / "eager_kdtrain.py"
+    script.write_text(EAGER_KDTRAIN)
+    args = ["train.device=cpu", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+            "train.grad_accum=2", "io.val_shards=[]", "optimizer.state_dtype=8bit", "tracing.console_log=false"]
+
+    def run(n: int, out, *extra, resume=False) -> list[float]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(script),
+               "train", str(toy["config"]), f"io.output_dir={out}", *args, *extra] + (["--resume"] if resume else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [json.loads(line)["total"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(2, tmp_path / "run", "train.micro_batch_size=1")
+    for n in (1, 2):
+        out = tmp_path / f"resume{n}"
+        shutil.copytree(tmp_path / "run", out)
+        shutil.rmtree(out / "checkpoints" / "step_00000004")
+        rows = run(n, out, f"train.micro_batch_size={3 - n}", resume=True)
+        assert len(rows) == 4 and rows[2:] == pytest.approx(full[2:], rel=1e-5), n
