@@ -421,3 +421,23 @@ def test_samples_per_prompt_and_concurrent_runs_sharing_a_cache(fake_server, tmp
     assert by_id["p:3:1"]["teacher_text"] != by_id["p:3:0"]["teacher_text"]
     entries = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(entries) == 30 and all(json.loads(p.read_bytes())["response"]["choices"] for p in entries)
+
+
+def test_system_message_and_jsonl_messages_make_loadable_records(fake_server, tmp_path, tokenizer):
+    url, faults = fake_server
+    faults.reset()
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 1 + 1?", "reference": "2"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."}]})
+        + "\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert main(_gen(url, [p], out, 2, "--model", "m", "--system", "You are a teacher.", "--logprobs", 2)) == 0
+    recs = {r["id"]: r for r in _records(out)}
+    assert recs["p:0:0"]["messages"] == [{"role": "system", "content": "You are a teacher."},
+                                         {"role": "user", "content": "What is 1 + 1?"}]
+    assert recs["p:1:0"]["messages"][0]["content"] == "Be terse."  # a prompt's own system message is kept
+    assert "prompt" not in recs["p:0:0"] and recs["p:0:0"]["reference"] == "2"
+    assert len(recs["p:0:0"]["teacher_api_logprobs"]) == len(recs["p:0:0"]["teacher_text"].split())
+    data = load_dataset([out], tokenizer, 32000)
+    rendered = tokenizer.decode(data.samples[0].prompt_ids, skip_special_tokens=True)
+    assert rendered.startswith("system: ") and "user: " in rendered
