@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -259,3 +261,75 @@ def test_exported_tokenizer_adds_bos_like_the_training_rows(one_step, tmp_path):
     train_tok = load_tokenizer(cfg.io.tokenizer_path)
     text = "What is the capital of Peru?"
     assert plain(text).input_ids == [train_tok.bos_token_id] + train_tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("key", ["init.weights", "init.base_checkpoint", "kd.teacher_path"])
+def test_a_weights_file_holding_an_object_runs_nothing(make_cfg, toy, tmp_path, key):
+    """``init.weights`` (.pt), and a Hugging Face directory whose only weights are a pytorch_model.bin
+    (student base or online teacher): a pickled object in them is refused with a config error."""
+    import shutil
+
+    from kdtrain.config import ConfigError
+
+    marker = tmp_path / "ran"
+    if key == "init.weights":
+        target = tmp_path / "init.pt"
+        torch.save({"model.embed_tokens.weight": _RunsCode(marker)}, target)
+        overrides = [f"init.weights={target}"]
+    else:
+        target = tmp_path / "hf"
+        shutil.copytree(toy["teacher"], target)
+        (target / "model.safetensors").unlink()
+        torch.save({"lm_head.weight": _RunsCode(marker)}, target / "pytorch_model.bin")
+        overrides = ([f"init.base_checkpoint={target}"] if key == "init.base_checkpoint"
+                     else ["kd.teacher=online", f"kd.teacher_path={target}"])
+    with pytest.raises(ConfigError, match=rf"{key}.*(refused|objects other than tensors)"):
+        Trainer(make_cfg(*overrides), log=False)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
+    """SIGKILL (no handler runs) at three moments of a run that checkpoints every step, often in
+    the middle of a write: each --resume picks the newest intact checkpoint, and the final
+    metrics equal an uninterrupted run's, row for row."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [str(toy["config"]), "train.steps=12", "train.checkpoint_every=1", "train.eval_every=0",
+            "io.val_shards=[]", "tracing.console_log=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out, resume=False, kill_after=None):
+        cmd = [sys.executable, "-m", "kdtrain", "train", *args, f"io.output_dir={out}"] + (["--resume"] if resume else [])
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kill_after is not None:
+            metrics = out / "metrics.jsonl"
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and not (
+                    metrics.is_file() and metrics.read_text().count("\n") >= kill_after):
+                time.sleep(0.005)
+            time.sleep(random.Random(kill_after).uniform(0, 0.05))
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+        return proc.returncode, err
+
+    rc, err = train(tmp_path / "straight")
+    assert rc == 0, err
+    run = tmp_path / "run"
+    rc, err = train(run, kill_after=2)
+    for n in (4, 7):
+        rc, err = train(run, resume=True, kill_after=n)
+        assert "Traceback" not in err
+    rc, err = train(run, resume=True)
+    assert rc == 0, err
+
+    def rows(path):
+        return [(r["step"], r["total"], r["kl_div"], r["ce_teacher"]) for r in
+                (json.loads(line) for line in path.read_text().splitlines())]
+
+    assert rows(run / "metrics.jsonl") == rows(tmp_path / "straight" / "metrics.jsonl")
