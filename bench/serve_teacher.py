@@ -83,7 +83,8 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({threads} threads)"
         print(f"{a.model} teacher on {name}: {a.requests} requests of {a.max_tokens} tokens")
         asyncio.run(load(url, 1, 2, 4))  # warm-up
         base = None
