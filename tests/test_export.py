@@ -47,8 +47,14 @@ def student(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_export(ckpt, tmp_path_factory):
-    out, probe = export(ckpt, tmp_path_factory.mktemp("exports") / "onnx", "onnx")
-    return out, probe
+    """``kdtrain export CKPT OUT --format onnx``: the export directory and what the command printed."""
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("exports") / "onnx", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(ckpt), str(out), "--format", "onnx"]) == 0
+    return out, printed.getvalue()
 
 
 def hf_decode(model, ids: torch.Tensor, steps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,14 +131,16 @@ def test_onnx_export_metadata_tokenizer_and_probe(onnx_export, ckpt):
     from kdtrain import __version__
     from kdtrain.tokenizer import load_tokenizer
 
-    out, probe = onnx_export
+    out, printed = onnx_export
     meta = json.loads((out / META).read_text())
     assert meta["format"] == "onnx" and meta["precision"] == "fp32"
     assert (meta["vocab_size"], meta["max_seq_len"], meta["n_layers"]) == (32000, 128, 2)
     assert meta["kdtrain_version"] == __version__ and meta["source_checkpoint"] == str(ckpt.resolve())
     assert len(load_tokenizer(out / meta["tokenizer"], 32000)) == 32000
-    assert probe.first_divergence is None and set(probe.errors) == {"hidden_0", "hidden_1", "logits"}
-    assert meta["probe"]["errors"] == probe.errors and max(probe.errors.values()) <= TOLERANCE[("onnx", "fp32")]
+    errors = meta["probe"]["errors"]
+    assert list(errors) == ["hidden_0", "hidden_1", "logits"] and meta["probe"]["first_divergence"] is None
+    assert max(errors.values()) <= TOLERANCE[("onnx", "fp32")]
+    assert "every output within tolerance" in printed and f"hidden_1   {errors['hidden_1']:.2e} ok" in printed
     assert not list(out.parent.glob(".tmp-*"))
 
 
