@@ -441,3 +441,11 @@ def test_system_message_and_jsonl_messages_make_loadable_records(fake_server, tm
     data = load_dataset([out], tokenizer, 32000)
     rendered = tokenizer.decode(data.samples[0].prompt_ids, skip_special_tokens=True)
     assert rendered.startswith("system: ") and "user: " in rendered
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl", 3)
+    (tmp_path / "file").write_text("x")
+    assert main(_gen("http://127.0.0.1:9/v1", [prompts], tmp_path / "file" / "o.jsonl", 2, "--model", "m")) == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "p.jsonl"]

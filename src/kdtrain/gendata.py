@@ -672,6 +672,12 @@ def gen_data(cfg: GenConfig) -> dict:
     run = Run(cfg, jobs)
     if cfg.dry_run:
         return dry_run(cfg, run)
+    for option, path in (("--out", run.out.path.parent), ("--cache-dir", run.cache.root)):
+        existing = path.absolute()
+        while not existing.exists():  # the directories are made at the first write
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(f"{option}: {path} cannot be written ({existing} is not a writable directory).")
     key = os.environ.get(cfg.api_key_env)
 
     def redact(text: str) -> str:  # servers may echo the key in an error message
