@@ -449,3 +449,24 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     assert main(_gen("http://127.0.0.1:9/v1", [prompts], tmp_path / "file" / "o.jsonl", 2, "--model", "m")) == 2
     assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "p.jsonl"]
+
+
+def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path):
+    import multiprocessing
+
+    prompts = _prompts(tmp_path / "p.jsonl", 200)
+    out = tmp_path / "o.jsonl"
+    with serve(Faults(fake_chat_app(delay=0.2))) as url:
+        proc = multiprocessing.get_context("fork").Process(
+            target=_quiet_main, args=(_gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4),))
+        proc.start()
+        deadline = time.monotonic() + 30
+        while _lines(out) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.join(timeout=30)
+    assert proc.exitcode == 130
+    summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
+    recs = _records(out)
+    assert summary["stopped"] == "interrupted" and summary["records"] == len(recs) < 200

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -697,6 +698,13 @@ def gen_data(cfg: GenConfig) -> dict:
 
     try:
         asyncio.run(main())
+    except KeyboardInterrupt:  # the output was flushed as the tasks were cancelled
+        run.stats.stopped = "interrupted"
+        if run.out.path.exists():
+            _write_json(run.out.path.with_name(run.out.path.name + ".summary.json"), run.summary())
+        print(f"\ninterrupted with {len(run.out.ids)} of {cfg.total} records in {cfg.out}; rerun the same command "
+              "to continue.", file=sys.stderr)
+        raise SystemExit(130) from None
     except Fatal as e:
         run.stats.stopped = "failures"
         if run.out.path.exists():
