@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -401,7 +402,7 @@ async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, s
     """(body, latency) or (None, reason) after retries; raises Fatal for failures every request would repeat."""
     import openai
 
-    for attempt in range(cfg.max_retries + 1):
+    for attempt in itertools.count():
         t0 = time.monotonic()
         wait = None
         try:
@@ -443,7 +444,6 @@ async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, s
         else:
             wait *= random.uniform(1.0, 1.1)
         await asyncio.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- the run
