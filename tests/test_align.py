@@ -149,7 +149,8 @@ def test_to_student_sums_teacher_ids_that_share_a_student_id():
     assert torch.equal(align.to_student(lp, torch.arange(6), 6), lp)  # a lone id keeps its bits
 
 
-TEXT = st.text(st.one_of(st.sampled_from(list("ab cé漢😀\n\t 0123456789.,'-")), st.characters()), min_size=1, max_size=40)
+CHARS = st.one_of(st.sampled_from(list("ab cé漢😀\n\t 0123456789.,'-")), st.characters(blacklist_categories=("Cs",)))
+TEXT = st.text(CHARS, min_size=1, max_size=40)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

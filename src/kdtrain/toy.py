@@ -154,13 +154,13 @@ def make_toy(out_dir: str | Path = "toy", samples: int = 10, steps: int = 5, dmo
             "model_init": out / "toy_model_init.pt", "tokenizer": out / "tokenizer", "teacher": out / "teacher"}
 
 
-PAIR_VOCAB = 700  # the pair tokenizer's size: byte-level BPE, 256 bytes + merges + 3 special tokens
+PAIR_VOCAB = 700  # the pair tokenizer's size limit: the toy corpus offers merges for 561 tokens in all
 PAIR_CORPUS = 300  # toy records the pair tokenizer is trained on
 
 
 def make_toy_pair(out_dir: str | Path = "toy", samples: int = 10, seed: int = 0) -> dict:
     """A teacher with another tokenizer, for cross-tokenizer distillation: ``pair_teacher/`` holds a
-    byte-level BPE tokenizer (``PAIR_VOCAB`` tokens, trained with ``tokenizers`` on the toy corpus;
+    byte-level BPE tokenizer (561 tokens, trained with ``tokenizers`` on the toy corpus;
     no dummy prefix, ``Ġ`` for spaces) and a toy teacher fitted on it like ``make_toy``'s."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
