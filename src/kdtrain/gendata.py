@@ -15,7 +15,7 @@ so a rerun of the same command finds what is done. Output is append-only KD JSON
 ``__header__`` line naming the model, endpoint and sampling settings; records are appended as
 responses arrive and flushed + fsynced every ``FLUSH_EVERY`` records or ``FLUSH_SECONDS``. On a
 rerun, a torn last line is cut off and the ids already present are skipped, so a killed run
-finishes with exactly ``--total`` records. A response cut by ``--max-tokens`` is kept with
+finishes with exactly ``--total`` records. Ctrl-C flushes, saves the summary and exits 130. A response cut by ``--max-tokens`` is kept with
 ``metadata.truncated`` (``--drop-truncated`` drops it); an empty response is dropped; each
 dropped or failed request is replaced by the next prompt of the plan.
 
