@@ -303,13 +303,6 @@ def _logprob(e: dict, j: int, name: str) -> float:
     return float(v)
 
 
-def _alternatives(tops: list[list[dict]], i: int) -> list[bytes]:
-    try:
-        return [bytes(b) if (b := a["bytes"]).__class__ is list else None for a in tops[i]]
-    except (KeyError, TypeError, ValueError):
-        return [_bytes_of(a, i, "top_logprobs[].bytes") if isinstance(a, dict) else None for a in tops[i]]
-
-
 def align_api(pieces: list[bytes], tops: list[list[dict]], lp: torch.Tensor, text: str,
               student_ids: list[int], vocab: Vocab, k: int) -> Rows:
     """Rows for ``student_ids`` (the student's tokens of ``text``, any trailing EOS) from an endpoint's
@@ -324,13 +317,19 @@ def align_api(pieces: list[bytes], tops: list[list[dict]], lp: torch.Tensor, tex
     if not pairs:
         return Rows(ids, lps, 0, 0.0, 0.0)
     get, prefix = vocab.by_bytes.get, vocab.prefix
-    keys = [_alternatives(tops, i) for _, i in pairs]
-    if None in (b for row in keys for b in row):
-        i = next(i for (_, i), row in zip(pairs, keys) if None in row)
-        raise AlignError(f"token {i} has a top_logprobs entry without 'bytes' (a list of byte values)", i)
+    try:  # one pass: -2 marks an alternative without a list of bytes
+        flat = [get(bytes(b), -1) if (b := a["bytes"]).__class__ is list else -2 for _, i in pairs for a in tops[i]]
+    except (KeyError, TypeError, ValueError):
+        flat = [-2]
+    if -2 in flat:
+        for _, i in pairs:
+            for a in tops[i]:
+                _bytes_of(a if isinstance(a, dict) else {}, i, "top_logprobs[].bytes")
+        raise AlignError("a top_logprobs entry has no list of bytes")
+    sid = torch.tensor(flat).view(len(pairs), lp.shape[1])
     if pairs[0][0] == 0:  # the student's first token: its virtual space goes in front
-        keys[0] = [_key(b, b"", prefix) if b else b for b in keys[0]]
-    sid = torch.tensor([[get(b, -1) for b in row] for row in keys])
+        sid[0] = torch.tensor([get(_key(bytes(a["bytes"]), b"", prefix), -1) if a["bytes"] else -1
+                               for a in tops[pairs[0][1]]])
     rows_lp = lp[[i for _, i in pairs]]
     p = rows_lp.exp()
     row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
