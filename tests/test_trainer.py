@@ -398,7 +398,7 @@ def test_resume_with_changed_dataset_or_shape_is_refused(change, toy, tmp_path, 
         data.write_text("\n".join(toy["dataset"].read_text().splitlines()[1:6]) + "\n")
         overrides, expect = [f"io.train_shards=[{data}]"], "other data"
     else:
-        overrides, expect = ["arch.d_ff=128", "init.weights=null"], "model shape changed"
+        overrides, expect = ["arch.d_ff=128", "init.weights=null"], r"arch.d_ff changed \(checkpoint 256, config 128\)"
     with pytest.raises(TrainingError, match=expect):
         Trainer(make_cfg("train.steps=2", *overrides), resume=True, log=False)
 
