@@ -110,6 +110,27 @@ def test_onnx_greedy_generation_equals_pytorch_for_32_tokens(onnx_export, studen
     assert len(set(got[0])) > 1  # not one token repeated: the cache carries the context
 
 
+def test_onnx_export_from_a_sharded_checkpoint(ckpt, student, tmp_path):
+    """A ``dcp/`` checkpoint (the layout of world size > 1, written here by one process) exports
+    to the same function as the single-file one."""
+    import torch.distributed.checkpoint as dcp
+
+    from kdtrain.checkpoint import MANIFEST, file_entries, write_manifest
+
+    sharded = tmp_path / ckpt.name
+    shutil.copytree(ckpt, sharded)
+    (sharded / "model.safetensors").unlink()
+    (sharded / "optimizer.pt").unlink()
+    dcp.save({"model": student.state_dict()}, checkpoint_id=str(sharded / "dcp"))
+    write_manifest(sharded, file_entries(sharded, [f for f in sharded.rglob("*") if f.is_file() and f.name != MANIFEST]))
+    out, probe = export(sharded, tmp_path / "onnx", "onnx")
+    assert probe.first_divergence is None
+    session, ids = onnx_session(out / "model.onnx"), torch.arange(3, 40)[None]
+    logits = session.run(["logits"], onnx_prefill_feed(session, ids))[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, student(input_ids=ids).logits.numpy(), rtol=0, atol=1e-4)
+
+
 def test_onnx_graph_has_dynamic_axes_and_a_cache_per_layer(onnx_export):
     graph = onnx.load(str(onnx_export[0] / "model.onnx"), load_external_data=False).graph
 
