@@ -122,7 +122,8 @@ def test_onnx_export_from_a_sharded_checkpoint(ckpt, student, tmp_path):
     (sharded / "model.safetensors").unlink()
     (sharded / "optimizer.pt").unlink()
     dcp.save({"model": student.state_dict()}, checkpoint_id=str(sharded / "dcp"))
-    write_manifest(sharded, file_entries(sharded, [f for f in sharded.rglob("*") if f.is_file() and f.name != MANIFEST]))
+    files = [f for f in sharded.rglob("*") if f.is_file() and f.name != MANIFEST]
+    write_manifest(sharded, file_entries(sharded, files))
     out, probe = export(sharded, tmp_path / "onnx", "onnx")
     assert probe.first_divergence is None
     session, ids = onnx_session(out / "model.onnx"), torch.arange(3, 40)[None]

@@ -4,9 +4,10 @@ cache, or a Core ML ML Program, with probes that say where a conversion diverges
 The ONNX and Core ML graphs come from ``ExportDecoder``, a Llama decoder written for export over
 the Hugging Face model's own modules (embedding, norms, projections, MLP, head: the same weights,
 no copy): an explicit causal mask, grouped-query attention as broadcast matmuls with the softmax
-in fp32 (Core ML's fp16 programs compute it in fp16), and the KV cache as explicit tensors (ONNX) or Core ML state. Hugging Face's own forward
-does not convert: coremltools fails on an op of its mask code. Every graph also returns each
-decoder layer's output (``hidden_<i>``), which the probes compare with PyTorch.
+in fp32 (Core ML's fp16 programs compute it in fp16), and the KV cache as explicit tensors (ONNX)
+or Core ML state. Hugging Face's own forward does not convert: coremltools fails on an op of its
+mask code. Every graph also returns each decoder layer's output (``hidden_<i>``), which the probes
+compare with PyTorch.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class ExportDecoder(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, start, mask: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
         """Logits and per-layer outputs for ``input_ids`` at positions ``start .. start + S - 1``;
-        ``mask [S, T]`` (or ``[B, 1, S, T]``) is 0 where a query may see a key, else -inf; ``cache(i, k, v)`` stores layer
-        ``i``'s new keys and values and returns all ``T`` of them."""
+        ``mask [S, T]`` (or ``[B, 1, S, T]``) is 0 where a query may see a key, else -inf;
+        ``cache(i, k, v)`` stores layer ``i``'s new keys and values and returns all ``T`` of them."""
         B, S = input_ids.shape
         cos, sin = self.rope_tables(start, S)
         x = self.lm.model.embed_tokens(input_ids)
