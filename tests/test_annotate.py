@@ -332,3 +332,14 @@ def test_aligned_signal_brings_the_student_closer_to_the_teacher(cross, make_cfg
 
     with_kl, ce_only = kl_after(1.0), kl_after(0.0)
     assert with_kl < 0.92 * ce_only, (with_kl, ce_only)  # 3.22 vs 3.75 measured
+
+
+def test_cli_bad_endpoint_logprobs_exit_2_with_the_message(toy, api_input, tmp_path, capsys):
+    from kdtrain.cli import main
+
+    records = _mutate([json.loads(x) for x in api_input.read_text().splitlines()], "positive")
+    bad = tmp_path / "api.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["annotate", str(bad), str(tmp_path / "out.jsonl"), "--tokenizer", str(toy["tokenizer"])]) == 2
+    assert "line 1, teacher_api_logprobs position 1" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()  # nothing half-written

@@ -187,7 +187,7 @@ def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple
     return ids + extra, lps + [share] * (k - m)
 
 
-def build_rows(sid: torch.Tensor, lp: torch.Tensor, k: int, vocab_size: int) -> tuple[list[list[int]], list[list[float]]]:
+def build_rows(sid: torch.Tensor, lp: torch.Tensor, k: int, vocab_size: int) -> tuple[list[list[int]], list[list]]:
     """Rows from [A, K] student ids (-1: unmapped) and their log-probs: the mapped ones, most likely
     first, cut to ``k``, then filled (``fill_row``). Vectorised; rows where two alternatives share a
     student id, or where a mapped id is one a fill would take, go through ``fill_row`` one by one."""

@@ -123,8 +123,8 @@ def _student_rows(rec: dict, tok, vocab: int, path, line_no: int, max_len: int):
 def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | None, rep: Report):
     where = f"(file {path}, line {line_no}"
     if rec.get("teacher_api_logprobs") is None:
-        raise DataError(f"record has no 'teacher_api_logprobs' {where}): generate with `kdtrain gen-data --logprobs K`, "
-                        "or pass --teacher DIR to annotate with a local teacher.")
+        raise DataError(f"record has no 'teacher_api_logprobs' {where}): generate with `kdtrain gen-data "
+                        "--logprobs K`, or pass --teacher DIR to annotate with a local teacher.")
     _, response, n = _student_rows(rec, tok, len(vocab), path, line_no, max_len)
     try:
         pieces, tops, lp = align.parse_api_logprobs(rec["teacher_api_logprobs"])
@@ -184,43 +184,54 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
     else:
         header.update(source="teacher_api_logprobs", k=k)
         done = _completed(output_path, header)
-    rep, K_seen = Report(len(records) - done), None
-    todo = records[done:]
-    with open(output_path, "a", encoding="utf-8") as out, \
-            tqdm(total=len(records), initial=done, unit="rec", file=sys.stderr) as bar:
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s: s + batch_size]
-            lines = []
-            if teacher is None:
-                for line_no, rec in chunk:
-                    resp, ids, lps, K = _api_rows(rec, tok, s_vocab, input_path, line_no, max_len, k, rep)
-                    if K_seen is not None and K != K_seen[0]:
-                        raise DataError(f"field 'teacher_api_logprobs' has {K} top_logprobs per token (file {input_path}, "
-                                        f"line {line_no}) but {K_seen[0]} at line {K_seen[1]}: K must not vary.")
-                    K_seen = K_seen or (K, line_no)
-                    lines.append(_line(rec, resp, ids, lps, temperature))
-            else:
-                t_rows, s_rows = [], []
-                for line_no, rec in chunk:
-                    t_prompt, t_resp, nt = _student_rows(rec, teacher.tok, len(teacher.t_vocab), input_path, line_no,
-                                                         max_len)
-                    s_rows.append(_student_rows(rec, tok, len(s_vocab), input_path, line_no, max_len))
-                    t_rows.append((t_prompt, t_resp, nt))
-                t_lps = teacher.logprobs([(p, r[:n]) for p, r, n in t_rows])
-                for (line_no, rec), (_, t_resp, nt), (_, s_resp, ns), t_lp in zip(chunk, t_rows, s_rows, t_lps):
-                    try:
-                        ids, lps, aligned, total, mapped = teacher.rows(rec["teacher_text"], t_resp, nt, t_lp, s_resp,
-                                                                         ns, k)
-                        rep.positions, rep.aligned = rep.positions + ns, rep.aligned + aligned
-                        rep.teacher_mass, rep.mapped_mass = rep.teacher_mass + total, rep.mapped_mass + mapped
-                    except align.AlignError as e:
-                        raise DataError(f"field 'teacher_text': {e} (file {input_path}, line {line_no}); a tokenizer "
-                                        "that cannot spell the text byte for byte cannot be aligned.") from None
-                    lines.append(_line(rec, s_resp[:ns], ids, lps, temperature))
-            _write(out, lines)
-            bar.update(len(chunk))
+    rep, todo = Report(len(records) - done), records[done:]
+    K_seen: list = []  # (K, line) of the first endpoint record
+    try:
+        with open(output_path, "a", encoding="utf-8") as out, \
+                tqdm(total=len(records), initial=done, unit="rec", file=sys.stderr) as bar:
+            for s in range(0, len(todo), batch_size):
+                chunk = todo[s: s + batch_size]
+                if teacher is None:
+                    lines = [_api_line(rec, tok, s_vocab, input_path, line_no, max_len, k, temperature, rep, K_seen)
+                             for line_no, rec in chunk]
+                else:
+                    lines = _local_lines(chunk, teacher, tok, input_path, max_len, k, temperature, rep)
+                _write(out, lines)
+                bar.update(len(chunk))
+    except DataError:
+        if done == 0 and output_path.read_bytes().count(b"\n") == 1:  # only the header: leave no file behind
+            output_path.unlink()
+        raise
     print(rep, file=sys.stderr)
     return rep
+
+
+def _api_line(rec, tok, vocab, path, line_no: int, max_len: int, k, temperature: float, rep: Report,
+              K_seen: list) -> str:
+    resp, ids, lps, K = _api_rows(rec, tok, vocab, path, line_no, max_len, k, rep)
+    if K_seen and K != K_seen[0]:
+        raise DataError(f"field 'teacher_api_logprobs' has {K} top_logprobs per token (file {path}, line {line_no}) "
+                        f"but {K_seen[0]} at line {K_seen[1]}: K must not vary.")
+    K_seen[:] = K_seen or [K, line_no]
+    return _line(rec, resp, ids, lps, temperature)
+
+
+def _local_lines(chunk, teacher: CrossTeacher, tok, path, max_len: int, k: int, temperature: float,
+                 rep: Report) -> list[str]:
+    t_rows = [_student_rows(rec, teacher.tok, len(teacher.t_vocab), path, n, max_len) for n, rec in chunk]
+    s_rows = [_student_rows(rec, tok, len(teacher.s_vocab), path, n, max_len) for n, rec in chunk]
+    t_lps = teacher.logprobs([(p, r[:n]) for p, r, n in t_rows])
+    lines = []
+    for (line_no, rec), (_, t_resp, nt), (_, s_resp, ns), t_lp in zip(chunk, t_rows, s_rows, t_lps):
+        try:
+            ids, lps, aligned, total, mapped = teacher.rows(rec["teacher_text"], t_resp, nt, t_lp, s_resp, ns, k)
+        except align.AlignError as e:
+            raise DataError(f"field 'teacher_text': {e} (file {path}, line {line_no}); a tokenizer that cannot "
+                            "spell the text byte for byte cannot be aligned.") from None
+        rep.positions, rep.aligned = rep.positions + ns, rep.aligned + aligned
+        rep.teacher_mass, rep.mapped_mass = rep.teacher_mass + total, rep.mapped_mass + mapped
+        lines.append(_line(rec, s_resp[:ns], ids, lps, temperature))
+    return lines
 
 
 def _line(rec: dict, response: list[int], ids, lps, temperature: float) -> str:
