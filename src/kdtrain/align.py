@@ -15,10 +15,12 @@ dummy prefix: ``Hello`` -> ``▁Hello``) spells ``b" " + text``; that virtual sp
 the first token's span, and an alternative at the first byte gets it before the lookup (unless
 the alternative starts with a space itself: `` the`` is ``▁the`` there too).
 
-Rows are ``k`` wide. When fewer than ``k`` alternatives map, the row is filled with student ids
-that the teacher did not list (the highest ids not in the row), each holding an equal share of
-the unmapped mass spread over the unlisted vocabulary: the same uniform-tail assumption the
-loss makes when it re-tempers a tail, so a filled row describes the same coarse distribution.
+Rows are ``k`` wide, most likely first. When fewer than ``k`` alternatives map, the row is
+filled with student ids that the teacher did not list (free slot ``s`` takes id ``V - 1 - s``, or
+the next lower one the row does not hold), each with an equal share of the unmapped mass spread
+over the unlisted vocabulary: the uniform-tail assumption the loss makes when it re-tempers a
+tail, so a filled row describes nearly the same coarse distribution (the fills move a sliver of
+the tail, ``(k - m) / (V - m)`` of it, into listed slots).
 
 Pure functions: no file or model access; callers (``annotate``, ``teacher``) name the file and
 line in their errors.
