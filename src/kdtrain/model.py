@@ -339,7 +339,7 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict, counts: dict, teacher=None, chunked: bool = True) -> dict:
         if hasattr(teacher, "topk_batch"):  # a teacher with another tokenizer: its aligned rows, as sparse top-k
-            batch, teacher = {**batch, **teacher.topk_batch(batch)}, None
+            batch, teacher = (batch if "topk_ids" in batch else {**batch, **teacher.topk_batch(batch)}), None
         ids, labels = batch["input_ids"], batch["labels"]
         if "ref_input_ids" in batch:  # reference rows ride in the same forward
             S = max(ids.shape[1], batch["ref_input_ids"].shape[1])

@@ -180,12 +180,19 @@ class Trainer:
             lo = (m * w + r) * t.micro_batch_size
             samples = [self.train_data.samples[i] for i in idx[lo: lo + t.micro_batch_size]]
             b = collate(samples, seq_len, self.tokenizer.pad_token_id, k, self._with_reference())
-            out.append({key: v.to(self.device, non_blocking=True) for key, v in b.items()})
+            out.append(self._teacher_rows({key: v.to(self.device, non_blocking=True) for key, v in b.items()}))
         return out
+
+    def _teacher_rows(self, batch: dict) -> dict:
+        """A teacher with another tokenizer gives sparse rows before the step is counted (kl_div is
+        normalised by the aligned positions of the whole step)."""
+        if hasattr(self.teacher, "topk_batch"):
+            batch.update(self.teacher.topk_batch(batch))
+        return batch
 
     def _counts(self, batches: list[dict]) -> dict:
         c = step_counts(batches)
-        if self.teacher is not None:
+        if self.teacher is not None and not hasattr(self.teacher, "topk_batch"):
             c["n_kl"] = c["n_ce_teacher"]
         return self.dist.all_reduce_counts(c)
 
@@ -276,7 +283,7 @@ class Trainer:
                 b["topk_mask"][dummy] = False
             if "ref_labels" in b:
                 b["ref_labels"][dummy[[data.samples[max(i, 0)].reference_ids is not None for i in idx]]] = -100
-            batches.append({key: v.to(self.device) for key, v in b.items()})
+            batches.append(self._teacher_rows({key: v.to(self.device) for key, v in b.items()}))
         counts = self._counts(batches)
         sums = torch.zeros(4, device=self.device)
         for b in batches:
