@@ -34,7 +34,6 @@ def _records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[1:]]
 
 
-@pytest.mark.smoke
 def test_annotated_rows_are_the_teachers_top_k(toy, annotated, tokenizer):
     from kdtrain.teacher import load_teacher_model
 
@@ -145,7 +144,6 @@ def _pair_logprobs(toy_pair, rec: dict):
     return tok, resp, torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) + len(resp)]
 
 
-@pytest.mark.smoke
 def test_cross_tokenizer_rows_by_hand(toy, toy_pair, cross, tokenizer):
     """"46 plus 40 equals 86.": the student splits numbers into "▁", digits; the byte-level teacher
     has "46" and "Ġplus": words and "." align, digits do not. At an aligned position the row is the
@@ -205,7 +203,6 @@ def api_input(toy, toy_pair, tmp_path_factory):
     return path
 
 
-@pytest.mark.smoke
 def test_endpoint_logprobs_agree_with_the_local_teacher(toy, api_input, cross, tokenizer, tmp_path):
     """Same teacher, two routes: the endpoint's top-4 and the local full distribution align the same
     positions (but EOS, which an endpoint does not list), and each mapped endpoint alternative is in

@@ -355,7 +355,6 @@ def test_toy_onnx_probe_and_cached_decode_match_pytorch(conversion_toys, toy_blo
     assert onnx_greedy(onnx_session(conversion_toys["toy_onnx"]), ids, 16) == hf_greedy(toy_block, ids, 16)
 
 
-@pytest.mark.smoke
 def test_toy_block_converts_to_a_stateful_coreml_program(toy_block, tmp_path):
     _, (inputs, outputs, states) = coreml_spec_io(export_coreml(toy_block, tmp_path / "block.mlpackage"))
     assert list(inputs) == ["input_ids", "causal_mask"] and list(outputs) == ["logits", "hidden_0"]

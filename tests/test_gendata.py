@@ -150,7 +150,6 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.jsonl", "bad.jsonl"])
 
 
-@pytest.mark.smoke
 def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys):
     url, faults = fake_server
     prompts = _prompts(tmp_path / "p.jsonl", 10)
@@ -195,7 +194,6 @@ def test_failures_every_request_repeats_stop_once_and_write_nothing(case, fake_s
     assert KEY not in err
 
 
-@pytest.mark.smoke
 def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp_path, capsys):
     url, faults = toy_server
     faults.reset()
@@ -218,7 +216,6 @@ def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp
     assert f"of budget {budget}; stopped: budget" in capsys.readouterr().out
 
 
-@pytest.mark.smoke
 def test_warm_cache_rerun_sends_nothing(toy_server, tmp_path):
     url, faults = toy_server
     prompts = _prompts(tmp_path / "p.jsonl", 12)
@@ -239,7 +236,6 @@ def test_warm_cache_rerun_sends_nothing(toy_server, tmp_path):
     assert faults.count == 14
 
 
-@pytest.mark.smoke
 def test_temperature_zero_is_deterministic_and_logprobs_have_k_alternatives(toy_server, tmp_path):
     url, faults = toy_server
     prompts = _prompts(tmp_path / "p.jsonl", 10)
@@ -302,7 +298,6 @@ def test_dry_run_bounds_the_cost_and_sends_nothing(fake_server, tmp_path, tokeni
     assert faults.count == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
-@pytest.mark.smoke
 def test_api_key_is_never_written(toy_server, tmp_path, capsys):
     url, faults = toy_server
     faults.reset("echo-key")

@@ -46,7 +46,6 @@ def _prompt_ids(tokenizer, content):
     return [tokenizer.bos_token_id] + tokenizer.encode(f"user: {content}", add_special_tokens=False)
 
 
-@pytest.mark.smoke
 def test_greedy_equals_hf_generate_and_logprobs_equal_a_forward(teacher_url, hf_teacher, tokenizer):
     content = PROMPTS[0]
     r = _ask(teacher_url, content, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
@@ -76,7 +75,6 @@ def test_greedy_equals_hf_generate_and_logprobs_equal_a_forward(teacher_url, hf_
     assert "".join(t.token for t in content_lp).lstrip(" ") == choice.message.content
 
 
-@pytest.mark.smoke
 def test_concurrent_batched_requests_equal_one_at_a_time(teacher_url, toy):
     async def ask_all(url):
         client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0)
@@ -93,7 +91,6 @@ def test_concurrent_batched_requests_equal_one_at_a_time(teacher_url, toy):
     assert batched == single
 
 
-@pytest.mark.smoke
 def test_seed_reproduces_a_sample_and_max_tokens_cuts(teacher_url):
     a = _ask(teacher_url, PROMPTS[1], max_tokens=6, temperature=1.0, seed=7)
     b = _ask(teacher_url, PROMPTS[1], max_tokens=6, temperature=1.0, seed=7)
@@ -131,7 +128,6 @@ def test_choose_follows_the_nucleus_distribution():
     assert counts[2].tolist() == [N, 0, 0, 0, 0]  # temperature 0: argmax
 
 
-@pytest.mark.smoke
 def test_bad_requests_get_openai_errors(teacher_url):
     with pytest.raises(openai.NotFoundError, match="serves 'toy'"):
         openai.OpenAI(api_key="x", base_url=teacher_url, max_retries=0).chat.completions.create(

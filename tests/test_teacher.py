@@ -90,7 +90,6 @@ def test_online_teacher_kind_follows_the_tokenizer_in_the_teacher_directory(toy,
     assert isinstance(online_teacher(toy_pair["teacher"], "cpu", torch.float32, tokenizer), CrossTeacher)
 
 
-@pytest.mark.smoke
 def test_cross_teacher_batch_rows_equal_the_annotated_rows(toy, toy_pair, dataset, tokenizer, tmp_path):
     """Online and offline agree: the rows a CrossTeacher computes for a collated batch are the rows
     `kdtrain annotate` stores for the same records (same positions, same ids, same log-probs)."""
