@@ -118,10 +118,13 @@ def test_cpu_offload_matches_plain_fsdp2(toy, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_more_ranks_than_gpus_fails_cleanly_on_every_rank(toy, tmp_path):
+    """As with the CPU-offload refusal: torchrun may stop the other ranks once the first exits, so
+    one message is what is sure to be printed; nothing may be trained or written."""
     n = torch.cuda.device_count() + 1
     proc = launch(n, toy, tmp_path, "cuda")
     assert proc.returncode != 0
-    assert proc.stderr.count(f"{n} processes on this node but it has") == n
+    assert proc.stderr.count(f"{n} processes on this node but it has") >= 1
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_cpu_offload_on_cpu_processes_is_refused_on_every_rank(toy, tmp_path):
