@@ -51,8 +51,9 @@ def model_shape(state: dict) -> dict:
 # ---- safe loading ----
 
 def _refused(path, e: Exception) -> CheckpointError:
+    why = (str(e).splitlines() or [""])[0]  # torch's weights-only message runs to a page
     return CheckpointError(f"{path} was refused: it is not a file of tensors and plain containers that loads "
-                           f"without running code, or it is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                           f"without running code, or it is damaged ({type(e).__name__}: {why}). "
                            "Nothing in it was run. Use a file written by kdtrain or torch.save of a state dict.")
 
 
