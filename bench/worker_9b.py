@@ -5,12 +5,18 @@ training time it costs) and an exact-resume check at another world size.
 
     python bench/worker_9b.py --gpus 2 --seqs 4096 8192 16384 [--steps 3] [--grad-accum 2]
         [--set optimizer.state_dtype=8bit train.compile=true] [--checkpoint] [--resume-gpus 2 4]
+        [--compare-gpus 2]
 
 Each sequence length runs one warm-up step (compilation, first allocations) and then ``--steps``
 timed steps; the figures are the median step. ``--checkpoint`` saves after the timed steps and
-reports how long training was held up (the step after the save is timed too). ``--resume-gpus``
+reports how long training was held up: ``save()`` itself plus what the next step took beyond the
+median (with ``train.async_checkpoint`` the shards are written in the background, and only the
+host copy can hold the next optimizer step), and when the checkpoint was published. ``--resume-gpus``
 relaunches from that checkpoint on each listed GPU count and compares the next step's loss with
-the uninterrupted run's. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
+the uninterrupted run's (the step after the checkpoint runs at the first length). ``--compare-gpus``
+runs the first length on other GPU counts (same micro-batches per GPU) and prints the scaling of
+the total tokens/s. The lengths are driven by the bench, one after the other, as the curriculum
+of ``configs/worker_9b.yaml`` runs them. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
 tokenizer: the toy tokenizer.
 """
 
@@ -48,11 +54,11 @@ def worker(a) -> None:
     import torch.distributed as dist
 
     from kdtrain.config import load_config
-    from kdtrain.model import flops_per_token
+    from kdtrain.model import flops_per_token, memory_estimate
     from kdtrain.trainer import Trainer
 
     out = Path(a.out)
-    cfg, _ = load_config([CONFIG], overrides(a, out))
+    cfg, _ = load_config([a.config], overrides(a, out))
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=a.resume, log=False)
     build_s = time.perf_counter() - t0
@@ -86,8 +92,10 @@ def worker(a) -> None:
         return time.perf_counter() - t, row
 
     if a.resume:
-        _, row = step(a.seqs[-1])
+        _, row = step(a.seqs[0])
         say(f"RESUMED world {world} step {trainer.step}: total {row['total']:.6f}", flush=True)
+        if rank == 0:
+            (out / f"resumed_{world}.json").write_text(json.dumps({"step": trainer.step, "total": row["total"]}))
         trainer.dist.close()
         return
     results = []
@@ -100,23 +108,36 @@ def worker(a) -> None:
         tps = across(statistics.mean(r["tokens"] for r in rows), dist.ReduceOp.SUM) / world / dt
         peak = across(torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0, dist.ReduceOp.MAX)
         mfu = tps * flops_per_token(cfg.arch, seq) / PEAK
+        k = trainer.checkpointed_layers
+        predicted = memory_estimate(cfg, world, seq, k)["total"] / 2**30
         results.append({"seq": seq, "tokens_per_s_per_gpu": tps, "mfu": mfu, "peak_gib": peak, "step_s": dt,
-                        "warmup_s": warm, "totals": [r["total"] for r in rows]})
-        say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU  "
-            f"step {dt:.2f} s (warm-up {warm:.1f} s)  loss {rows[-1]['total']:.4f}", flush=True)
+                        "warmup_s": warm, "checkpointed_layers": k, "predicted_gib": predicted,
+                        "totals": [r["total"] for r in rows]})
+        say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU (kdtrain info "
+            f"{predicted:.1f}; {k}/{cfg.arch.n_layers} layers checkpointed)  step {dt:.2f} s (warm-up {warm:.1f} s)  "
+            f"loss {rows[-1]['total']:.4f}", flush=True)
     if a.checkpoint:
+        # Lost training time: save() itself plus what the next step took over the median step
+        # (the background copy to host memory it may wait for), then the wait for publication.
         sync()
         t = time.perf_counter()
         path = trainer.save()
         held = time.perf_counter() - t
-        after, row = step(a.seqs[-1])
-        done = time.perf_counter() - t
+        after, row = step(a.seqs[0])
+        t_pub = time.perf_counter()
+        trainer.wait_for_checkpoint()
+        published = time.perf_counter() - t
+        waited = time.perf_counter() - t_pub
+        lost = held + max(0.0, after - results[0]["step_s"])
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if rank == 0 else 0
-        say(f"checkpoint {Path(path).name}: {size / 1e9:.1f} GB; save() held training {held:.1f} s; the next step "
-            f"took {after:.2f} s; save + step {done:.1f} s", flush=True)
+        say(f"checkpoint {Path(path).name} ({'background' if cfg.train.async_checkpoint else 'foreground'}): "
+            f"{size / 1e9:.1f} GB; save() held training {held:.1f} s, the next step took {after:.2f} s (median "
+            f"{results[0]['step_s']:.2f} s), published {published:.1f} s after save() (then waited {waited:.1f} s); "
+            f"training time lost {lost:.1f} s", flush=True)
         say(f"NEXT step {trainer.step}: total {row['total']:.6f}", flush=True)
         results.append({"checkpoint_gb": size / 1e9, "save_held_s": held, "step_after_s": after,
-                        "next_total": row["total"], "next_step": trainer.step})
+                        "published_after_s": published, "lost_s": lost, "next_total": row["total"],
+                        "next_step": trainer.step})
     if rank == 0:
         (out / f"results_{world}.json").write_text(json.dumps({"build_s": build_s, "host_rss_gib": rss,
                                                                "runs": results}, indent=1))
@@ -126,6 +147,8 @@ def worker(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--config", default=str(CONFIG), help="another student (a dry run of this bench on CPU: "
+                   "configs/toy.yaml --set train.device=cpu)")
     p.add_argument("--seqs", type=int, nargs="+", default=[4096])
     p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length (after one warm-up)")
     p.add_argument("--grad-accum", type=int, default=2)
@@ -133,6 +156,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides")
     p.add_argument("--checkpoint", action="store_true", help="save after the timed steps and time the stall")
     p.add_argument("--resume-gpus", type=int, nargs="*", default=[], help="resume that checkpoint on these counts")
+    p.add_argument("--compare-gpus", type=int, nargs="*", default=[],
+                   help="also run the first length on these GPU counts: scaling of total tokens/s")
     p.add_argument("--timeout", type=float, default=None, help="seconds per launch")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -149,28 +174,46 @@ def main() -> None:
         build_toy_tokenizer(out / "tok")
     synthetic_dataset(out / "data.jsonl", a.gpus * a.grad_accum, max(a.seqs))
     for seq in a.seqs:
-        cfg, _ = load_config([CONFIG], overrides(a, out) + [f"train.seq_lengths=[{seq}]"])
+        cfg, _ = load_config([a.config], overrides(a, out) + [f"train.seq_lengths=[{seq}]"])
         print(f"kdtrain info, seq {seq}, {a.gpus} GPUs: {memory_estimate(cfg, a.gpus)['total'] / 2**30:.1f} GiB/GPU")
     shutil.rmtree(out / "run", ignore_errors=True)
 
-    def launch(n: int, *extra: str) -> None:
+    def launch(n: int, *extra: str, seqs: list[int] = a.seqs) -> bool:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
-               "--worker", "--out", str(out), "--seqs", *map(str, a.seqs), "--steps", str(a.steps),
+               "--worker", "--config", a.config, "--out", str(out), "--seqs", *map(str, seqs), "--steps", str(a.steps),
                "--grad-accum", str(a.grad_accum), "--set", *a.set, *extra]
-        subprocess.run(cmd, check=True, env={**os.environ, **ENV}, timeout=a.timeout)
+        try:
+            subprocess.run(cmd, check=True, env={**os.environ, **ENV}, timeout=a.timeout)
+            return True
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            print(f"launch on {n} GPUs failed: {e}", flush=True)
+            return False
 
     print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
-    try:
-        launch(a.gpus, *(["--checkpoint"] if a.checkpoint or a.resume_gpus else []))
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        sys.exit(f"launch on {a.gpus} GPUs failed: {e}")
+    if not launch(a.gpus, *(["--checkpoint"] if a.checkpoint or a.resume_gpus else [])):
+        sys.exit(1)
+    main_run = json.loads((out / f"results_{a.gpus}.json").read_text())["runs"]
     for n in a.resume_gpus:
         # The same global batch on n GPUs: grad_accum scales so that micro-batches x ranks is fixed.
         if (a.gpus * a.grad_accum) % n:
             print(f"skip resume on {n} GPUs: {a.gpus * a.grad_accum} micro-batches do not split over {n}")
             continue
         accum = a.gpus * a.grad_accum // n
-        launch(n, "--resume", "--set", *a.set, f"train.grad_accum={accum}")
+        (out / f"resumed_{n}.json").unlink(missing_ok=True)
+        if launch(n, "--resume", "--set", *a.set, f"train.grad_accum={accum}"):
+            got, want = json.loads((out / f"resumed_{n}.json").read_text()), main_run[-1]
+            print(f"resume on {n} GPUs: step {got['step']} total {got['total']:.6f}, uninterrupted "
+                  f"{want['next_total']:.6f} (step {want['next_step']}): relative difference "
+                  f"{abs(got['total'] - want['next_total']) / abs(want['next_total']):.2e}", flush=True)
+    for n in a.compare_gpus:
+        shutil.rmtree(out / f"compare_{n}", ignore_errors=True)
+        if launch(n, "--set", *a.set, f"io.output_dir={out / f'compare_{n}'}", seqs=a.seqs[:1]):
+            other = json.loads((out / f"results_{n}.json").read_text())["runs"][0]
+            mine = main_run[0]
+            ratio = a.gpus * mine["tokens_per_s_per_gpu"] / (n * other["tokens_per_s_per_gpu"])
+            print(f"scaling at seq {mine['seq']}: {n} GPUs {n * other['tokens_per_s_per_gpu']:,.0f} tok/s, {a.gpus} GPUs "
+                  f"{a.gpus * mine['tokens_per_s_per_gpu']:,.0f} tok/s: {ratio:.2f}x (ideal {a.gpus / n:.2f}x)",
+                  flush=True)
 
 
 if __name__ == "__main__":

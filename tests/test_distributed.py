@@ -27,18 +27,20 @@ DEVICES = [
 ]
 
 
-def launch(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False):
+def launch(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False,
+           entry: tuple = ("-m", "kdtrain")):
     """``torchrun --nproc-per-node n -m kdtrain train`` on the toy; the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "kdtrain", "train", str(toy["config"]), f"io.output_dir={out}", f"train.device={device}",
+           *entry, "train", str(toy["config"]), f"io.output_dir={out}", f"train.device={device}",
            "tracing.console_log=false", *overrides] + (["--resume"] if resume else [])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False) -> list[dict]:
+def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume: bool = False,
+             entry: tuple = ("-m", "kdtrain")) -> list[dict]:
     """A launch that must succeed; returns metrics.jsonl's rows."""
-    proc = launch(n, toy, out, device, *overrides, resume=resume)
+    proc = launch(n, toy, out, device, *overrides, resume=resume, entry=entry)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -71,6 +73,44 @@ def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path, d
         assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rows 3, 4 replaced by the resumed run's
         for a, b in zip(rows[2:], full[2:]):
             assert a["total"] == pytest.approx(b["total"], rel=1e-4), n
+
+
+SLOW_WRITER = '''
+import sys, time
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from kdtrain.cli import main
+
+write = FileSystemWriter.write_data
+
+
+def held_back(self, plan, planner):  # the write starts after training has taken more steps
+    time.sleep(2)
+    return write(self, plan, planner)
+
+
+FileSystemWriter.write_data = held_back
+sys.exit(main())
+'''
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_background_checkpoint_holds_the_state_of_its_step(toy, tmp_path, device):
+    """``train.async_checkpoint``: a writer held back 2 s, while steps 3 and 4 update the weights
+    and the optimizer state, still writes step 2's: every shard of both checkpoints has the
+    bytes the foreground writer gives, and the losses are the same."""
+    script = tmp_path / "slow_writer.py"
+    script.write_text(SLOW_WRITER)
+    args = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.micro_batch_size=1",
+            "train.grad_accum=2"]
+    fore = torchrun(2, toy, tmp_path / "fore", device, *args, "train.async_checkpoint=false")
+    back = torchrun(2, toy, tmp_path / "back", device, *args, "train.async_checkpoint=true", entry=(str(script),))
+    assert [r["total"] for r in back] == [r["total"] for r in fore]
+    for step in ("step_00000002", "step_00000004"):
+        shards = [json.loads((tmp_path / run / "checkpoints" / step / "manifest.json").read_text())
+                  for run in ("fore", "back")]
+        distcp = [{k: v for k, v in m["files"].items() if k.endswith(".distcp")} for m in shards]
+        assert len(distcp[0]) == 2 and distcp[0] == distcp[1], step
+    assert not list((tmp_path / "back" / "checkpoints").glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -59,11 +59,14 @@ def cmd_train(a) -> int:
     return 0
 
 
+GPU_SIZES = {"H100 80 GB": 79.2, "H200 141 GB": 139.8}  # the memory torch reports for each card
+
+
 def cmd_info(a) -> int:
     import yaml
 
     from .config import ConfigError, load_config
-    from .model import flops_per_token, memory_estimate, param_counts
+    from .model import checkpointed_layers, flops_per_token, memory_estimate, param_counts
 
     files, overrides = _split(a.items)
     if not files:
@@ -82,6 +85,12 @@ def cmd_info(a) -> int:
     print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB peak at world size {a.world_size}: building the model "
           f"{mem['build'] / 2**30:.2f}, end of forward {mem['forward_end'] / 2**30:.2f}, backward "
           f"{mem['backward'] / 2**30:.2f} (of which {parts} GiB)")
+    if cfg.train.grad_checkpointing == "auto":  # the estimate above checkpoints every layer
+        for name, gib in GPU_SIZES.items():
+            plan = ", ".join(f"seq {S}: {checkpointed_layers(cfg, a.world_size, S, int(gib * 2**30))}"
+                             for S in cfg.train.seq_lengths)
+            print(f"grad_checkpointing auto on {name} ({gib} GiB): decoder layers checkpointed of "
+                  f"{cfg.arch.n_layers}: {plan}")
     return 0
 
 

@@ -106,7 +106,7 @@ class TrainConfig:
     micro_batch_size: int = 2
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on CUDA)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False  # true | false | auto (per sequence length, the fewest layers that fit the GPU)
     cpu_offload: bool = False  # FSDP2: sharded params, grads and AdamW state in CPU memory (step on CPU)
     reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward (false: keep them for the backward)
     compile: bool = False
@@ -116,6 +116,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0 = only at the end when val_shards are set
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # sharded runs: copy to host memory, write in the background (published when complete)
 
 
 @dataclass
@@ -240,8 +241,16 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for tp_ in inner:  # bool | str: the first type the value is
+            try:
+                return _coerce(value, tp_, where)
+            except ConfigError:
+                pass
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"{where} must be {' or '.join(kinds.get(a, str(a)) for a in inner)}, got {value!r}.")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}.")
@@ -365,6 +374,8 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
         if s > a.max_seq_len:
             fail("train.seq_lengths", f"{s} exceeds the model's positions (arch.max_seq_len = {a.max_seq_len}); "
                  "shorten it or raise arch.max_seq_len.")
+    if t.grad_checkpointing not in (True, False, "auto"):
+        fail("train.grad_checkpointing", f"must be true, false or auto, got {t.grad_checkpointing!r}.")
     if t.precision not in ("fp32", "bf16", "fp16"):
         fail("train.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'.")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -206,9 +206,12 @@ def check_finite(trainer, states: list) -> None:
 
 
 def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
+    """Checkpoint the trainer: one process writes ``save_fn``'s files; a sharded run writes DCP
+    shards, in the background when ``train.async_checkpoint`` (``wait_for_save`` finishes it)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     cfg = trainer.cfg
+    wait_for_save(trainer)  # one save in flight at most: the previous one is published first
     model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
     check_finite(trainer, [model_sd, optim_sd])
     check_disk_space(trainer, _local_bytes([model_sd, optim_sd]), f"the checkpoint of step {trainer.step}")
@@ -220,10 +223,17 @@ def save(trainer, save_fn, trainer_state: dict, meta: dict) -> Path:
 
 def _save_dcp(trainer, model_sd: dict, optim_sd: dict, trainer_state: dict, meta: dict) -> Path:
     """Every rank writes its shards (``dcp/__<rank>_*.distcp``) and hashes them; rank 0 writes the
-    rest, gathers the hashes into the manifest (written last) and renames the directory."""
+    rest, gathers the hashes into the manifest (written last) and renames the directory.
+
+    Asynchronous (``train.async_checkpoint``): the shards are copied to host memory (pinned and
+    reused from one save to the next on CUDA; the copy runs on a side stream, and the next
+    optimizer step waits for it, see ``wait_for_staging``), then written, hashed and published by
+    a background thread whose collectives use a gloo group of their own. Until the rename the
+    directory is a ``.tmp-`` one, which resume never uses, so a crash mid-write loses only this
+    checkpoint."""
     import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import PREFIX, TMP, file_entries, model_shape, publish, write_manifest
+    from .checkpoint import PREFIX, TMP, model_shape
     from .config import save_config
 
     root, step, rank = trainer.ckpt_dir, trainer.step, trainer.dist.rank
@@ -231,23 +241,116 @@ def _save_dcp(trainer, model_sd: dict, optim_sd: dict, trainer_state: dict, meta
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    mine = file_entries(tmp, (tmp / "dcp").glob(f"__{rank}_*.distcp"))
-    if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
         save_config(trainer.cfg, tmp / "config.yaml")
         shapes = model_shape(trainer.student.state_dict())  # DTensor shapes are global
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "model_shape": shapes}))
+    dist.barrier()
+    state = {"model": model_sd, "optimizer": optim_sd}
+    keep, world = trainer.cfg.train.keep_checkpoints, trainer.dist.world_size
+    if not trainer.cfg.train.async_checkpoint:
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+        _publish_dcp(tmp, final, rank, world, keep, group=None)
+        return final
+    if trainer.saver is None:
+        trainer.saver = AsyncSaver(trainer.device)
+    trainer.saver.start(state, tmp, final, rank, world, keep)
+    return final
+
+
+def _publish_dcp(tmp: Path, final: Path, rank: int, world: int, keep: int, group) -> None:
+    """After the DCP write: each rank hashes its own shards; rank 0 writes the manifest (last) and
+    renames ``tmp`` to ``final``; every rank returns once it is published."""
+    from .checkpoint import file_entries, publish, write_manifest
+
+    mine = file_entries(tmp, (tmp / "dcp").glob(f"__{rank}_*.distcp"))
+    if rank == 0:
         mine.update(file_entries(tmp, [tmp / "dcp" / ".metadata", tmp / "trainer_state.pt", tmp / "config.yaml",
                                        tmp / "meta.json"]))
-    gathered = [None] * trainer.dist.world_size
-    dist.all_gather_object(gathered, mine)  # in-memory dicts of names and hashes
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)  # in-memory dicts of names and hashes
     if rank == 0:
         write_manifest(tmp, {k: v for part in gathered for k, v in part.items()})
-        publish(tmp, final, trainer.cfg.train.keep_checkpoints)
-    dist.barrier()
-    return final
+        publish(tmp, final, keep)
+    dist.barrier(group=group)
+
+
+class AsyncSaver:
+    """The sharded checkpoint being written in the background, one at a time.
+
+    ``start`` returns once the state is staged to host memory, or on CUDA once the copy is queued
+    on a side stream; ``wait_for_staging`` must then run before the weights or optimizer state
+    change (the trainer calls it before each optimizer step). ``wait`` blocks until the checkpoint
+    is published and raises ``CheckpointError`` if writing it failed."""
+
+    def __init__(self, device: torch.device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.group = dist.new_group(backend="gloo")  # the writer's collectives, apart from training's
+        self.stager = None
+        try:  # torch >= 2.8: a stager that keeps its (pinned) host buffers from one save to the next
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = device.type == "cuda"
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                       use_async_staging=cuda, use_non_blocking_copy=cuda))
+        except ImportError:
+            pass
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdtrain-checkpoint")
+        self.staged = None  # a Future while the host copy is in flight
+        self.pending = None  # (Future, final path) until published
+
+    def start(self, state: dict, tmp: Path, final: Path, rank: int, world: int, keep: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        kwargs = {"async_stager": self.stager} if self.stager is not None else {}
+        response = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self.group, **kwargs)
+        upload = getattr(response, "upload_completion", response)
+        self.staged = getattr(response, "staging_completion", None)
+
+        def finish():
+            upload.result()
+            _publish_dcp(tmp, final, rank, world, keep, self.group)
+
+        self.pending = (self.pool.submit(finish), final)
+
+    def wait_for_staging(self) -> None:
+        if self.staged is not None:
+            self.staged.result()
+            self.staged = None
+
+    def wait(self) -> None:
+        from .checkpoint import CheckpointError
+
+        self.wait_for_staging()
+        if self.pending is None:
+            return
+        (future, final), self.pending = self.pending, None
+        try:
+            future.result()
+        except Exception as e:  # the write failed on some rank: the checkpoint was never published
+            raise CheckpointError(f"writing checkpoint {final.name} in the background failed ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); it was not "
+                                  f"published, so the previous checkpoint stays the resume point. Check the disk "
+                                  f"under {final.parent}, or set train.async_checkpoint=false to write in the "
+                                  "foreground.") from None
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()
+        if self.stager is not None:
+            self.stager.close()
+
+
+def wait_for_staging(trainer) -> None:
+    if trainer.saver is not None:
+        trainer.saver.wait_for_staging()
+
+
+def wait_for_save(trainer) -> None:
+    """Block until the checkpoint being written in the background (if any) is published."""
+    if trainer.saver is not None:
+        trainer.saver.wait()
 
 
 def verify(trainer, path: Path) -> str | None:

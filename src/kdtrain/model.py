@@ -230,7 +230,7 @@ LOSS_BYTES_PER_LOGIT = 16  # live bytes per chunk logit in the chunked loss: 15-
 # (CPU, bf16 logits, their gradient and fp32 intermediates); 10 compiled on an H100 (bench/loss_memory.py).
 
 
-def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
+def memory_estimate(cfg: Config, world_size: int = 1, seq: int | None = None, checkpointed: int | None = None) -> dict:
     """Peak bytes per GPU: the largest of three moments of a step.
 
     - ``build``: one GPU receives the whole fp32 student (4 B/param). Sharded, the student is
@@ -253,23 +253,29 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     layer's working set (when recomputed), two gathered layers (current + prefetched) and one
     layer's unsharded gradient with its fp32 copy for the reduce-scatter (2 + 4 B/param in bf16).
     Checked against two H200s (bench/worker_9b.py): see tests/test_model.py.
+
+    ``seq``: one sequence length (default the longest of ``train.seq_lengths``). ``checkpointed``:
+    how many decoder layers recompute their forward (default: all of them when
+    ``train.grad_checkpointing`` is true or ``auto`` — the least ``auto`` can need — and none when
+    false); a layer that is not checkpointed keeps its whole working set.
     """
     a, t = cfg.arch, cfg.train
     n = param_counts(a)
-    S = max(t.seq_lengths)
+    S = seq or max(t.seq_lengths)
+    k = checkpointed if checkpointed is not None else a.n_layers if t.grad_checkpointing else 0
     tokens = t.micro_batch_size * S
     sharded = world_size > 1
     Vd = a.vocab_size * a.d_model
     c = 4 if t.precision == "fp32" else 2  # bytes of a gathered (compute-dtype) weight or gradient
     state = 0 if t.cpu_offload else (8 + STATE_BYTES[cfg.optimizer.state_dtype]) * n["total"] / world_size
     per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
-    kept = a.n_layers * tokens * a.d_model * 2 if t.grad_checkpointing else a.n_layers * per_layer_act
+    kept = k * tokens * a.d_model * 2 + (a.n_layers - k) * per_layer_act
     if sharded:
         root = c * 2 * Vd + c * Vd  # gathered embedding + head, the head's gradient
     else:
         root = 2 * n["matmul"] if t.precision != "fp32" else 0  # autocast's weight cache
     loss = t.loss_chunk_size * a.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * a.d_model * 4
-    recompute = per_layer_act if t.grad_checkpointing else 0
+    recompute = per_layer_act if k else 0
     last_layer = c * n["per_layer"] if sharded else 0  # kept gathered for the backward
     layer_bwd = (2 * c + c + 4) * n["per_layer"] if sharded else 0
     forward_end = state + kept + root + last_layer + loss
@@ -283,6 +289,20 @@ def memory_estimate(cfg: Config, world_size: int = 1) -> dict:
     return {"build": build, "state": state, "activations": kept, "root": root, "loss": loss,
             "forward_end": forward_end, "backward": backward, "train": max(forward_end, backward),
             "total": max(build, forward_end, backward)}
+
+
+AUTO_MEMORY_FRACTION = 0.85  # grad_checkpointing: auto plans for this much of the GPU (the rest: allocator, NCCL)
+
+
+def checkpointed_layers(cfg: Config, world_size: int, seq: int, gpu_bytes: int) -> int:
+    """``train.grad_checkpointing: auto``: the fewest decoder layers to checkpoint at ``seq`` for
+    ``memory_estimate`` to stay within ``AUTO_MEMORY_FRACTION`` of ``gpu_bytes`` (all of them when
+    even that does not fit). Each layer left out of checkpointing saves its forward's recompute,
+    about a quarter of its step time."""
+    for k in range(cfg.arch.n_layers + 1):
+        if memory_estimate(cfg, world_size, seq, k)["total"] <= AUTO_MEMORY_FRACTION * gpu_bytes:
+            return k
+    return cfg.arch.n_layers
 
 
 def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
-from .model import Distiller, build_student, materialise, memory_warning, step_counts
+from .model import Distiller, build_student, checkpointed_layers, materialise, memory_warning, step_counts
 from .optim import build_optimizer, current_lr, set_lr
 from .teacher import online_teacher
 from .tokenizer import load_tokenizer
@@ -98,6 +98,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_utils.setup(cfg)
         self.device = self.dist.device
+        self.saver = None  # dist_utils.AsyncSaver once a sharded checkpoint is written in the background
         t = cfg.train
         if t.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs CUDA (a grad scaler on GPU); use fp32 or bf16 on CPU.")
@@ -129,6 +130,8 @@ class Trainer:
                               f"differs from the tokenizer's size ({vocab}) at {cfg.io.tokenizer_path}.")
         if t.grad_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointed_layers = self.cfg.arch.n_layers if t.grad_checkpointing else 0  # auto: set per length
+        self._planned_seq = None
         self.teacher = None
         if cfg.kd.teacher == "online":
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -173,6 +176,8 @@ class Trainer:
     def micro_batches(self, seq_len: int) -> list[dict]:
         """This rank's micro-batches of the next optimizer step (the global batch is split by rank)."""
         t, r, w = self.cfg.train, self.dist.rank, self.dist.world_size
+        if t.grad_checkpointing == "auto" and seq_len != self._planned_seq:
+            self._plan_checkpointing(seq_len)
         idx = self.sampler.take(t.micro_batch_size * t.grad_accum * w)
         k = self.train_data.k if self.cfg.kd.teacher == "topk" else 0
         out = []
@@ -182,6 +187,23 @@ class Trainer:
             b = collate(samples, seq_len, self.tokenizer.pad_token_id, k, self._with_reference())
             out.append(self._teacher_rows({key: v.to(self.device, non_blocking=True) for key, v in b.items()}))
         return out
+
+    def _plan_checkpointing(self, seq_len: int, gpu_bytes: int | None = None) -> None:
+        """``train.grad_checkpointing: auto``: at each new sequence length, checkpoint the first
+        ``checkpointed_layers`` decoder layers, the fewest for which ``kdtrain info``'s estimate fits
+        ``gpu_bytes`` (default: this GPU's memory; on the CPU none are). The lowest layers are the
+        ones checkpointed: by the time the backward reaches them, the later layers' activations are
+        freed, and the recompute reuses that memory."""
+        self._planned_seq = seq_len
+        L = self.cfg.arch.n_layers
+        if gpu_bytes is None and self.device.type == "cuda":
+            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        k = checkpointed_layers(self.cfg, self.dist.world_size, seq_len, gpu_bytes) if gpu_bytes else 0
+        for i, layer in enumerate(self.student.model.layers):
+            layer.gradient_checkpointing = i < k
+        self.checkpointed_layers = k
+        if self.dist.rank == 0 and self.cfg.tracing.console_log:
+            print(f"train.grad_checkpointing=auto: seq {seq_len}: {k} of {L} decoder layers checkpointed", flush=True)
 
     def _teacher_rows(self, batch: dict) -> dict:
         """A teacher with another tokenizer gives sparse rows before the step is counted (kl_div is
@@ -247,6 +269,7 @@ class Trainer:
         clip = self.cfg.optimizer.grad_clip
         if 0 < clip < grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        dist_utils.wait_for_staging(self)  # a background checkpoint's host copy is complete before the step
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -310,7 +333,13 @@ class Trainer:
                 "schedule": _schedule(self.cfg)}
 
     def save(self) -> Path:
+        """Write a checkpoint of this step; a sharded run with ``train.async_checkpoint`` writes it in
+        the background and returns its final path at once (``wait_for_checkpoint`` publishes it)."""
         return dist_utils.save(self, save_checkpoint, self._trainer_state(), self._meta())
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a checkpoint written in the background is published (raises if it failed)."""
+        dist_utils.wait_for_save(self)
 
     def _valid_checkpoint(self) -> Path:
         """The newest checkpoint whose manifest checks out; each newer broken one is named in a warning."""
@@ -402,7 +431,9 @@ class Trainer:
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last or stopping:
                     path = self.save()
                 if stopping:
+                    self.wait_for_checkpoint()
                     raise Interrupted(self._signal or signal.SIGTERM, self.step, path)
+            self.wait_for_checkpoint()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
