@@ -116,9 +116,10 @@ def worker(a) -> None:
         say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU (kdtrain info "
             f"{predicted:.1f}; {k}/{cfg.arch.n_layers} layers checkpointed)  step {dt:.2f} s (warm-up {warm:.1f} s)  "
             f"loss {rows[-1]['total']:.4f}", flush=True)
-    if a.checkpoint:
+    for i in range(a.checkpoint):
         # Lost training time: save() itself plus what the next step took over the median step
-        # (the background copy to host memory it may wait for), then the wait for publication.
+        # (the background copy to host memory it may wait for). The first save also allocates the
+        # host buffers that later ones reuse; each is waited for (published) before the next.
         sync()
         t = time.perf_counter()
         path = trainer.save()
@@ -130,7 +131,7 @@ def worker(a) -> None:
         waited = time.perf_counter() - t_pub
         lost = held + max(0.0, after - results[0]["step_s"])
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if rank == 0 else 0
-        say(f"checkpoint {Path(path).name} ({'background' if cfg.train.async_checkpoint else 'foreground'}): "
+        say(f"checkpoint {i + 1} {Path(path).name} ({'background' if cfg.train.async_checkpoint else 'foreground'}): "
             f"{size / 1e9:.1f} GB; save() held training {held:.1f} s, the next step took {after:.2f} s (median "
             f"{results[0]['step_s']:.2f} s), published {published:.1f} s after save() (then waited {waited:.1f} s); "
             f"training time lost {lost:.1f} s", flush=True)
@@ -154,7 +155,8 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--out", default="/tmp/worker_9b")
     p.add_argument("--set", nargs="*", default=[], help="extra kdtrain overrides")
-    p.add_argument("--checkpoint", action="store_true", help="save after the timed steps and time the stall")
+    p.add_argument("--checkpoint", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="save N times (default 1) after the timed steps, a step after each, and time the stall")
     p.add_argument("--resume-gpus", type=int, nargs="*", default=[], help="resume that checkpoint on these counts")
     p.add_argument("--compare-gpus", type=int, nargs="*", default=[],
                    help="also run the first length on these GPU counts: scaling of total tokens/s")
@@ -190,7 +192,7 @@ def main() -> None:
             return False
 
     print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
-    if not launch(a.gpus, *(["--checkpoint"] if a.checkpoint or a.resume_gpus else [])):
+    if not launch(a.gpus, *(["--checkpoint", str(max(a.checkpoint, 1))] if a.checkpoint or a.resume_gpus else [])):
         sys.exit(1)
     main_run = json.loads((out / f"results_{a.gpus}.json").read_text())["runs"]
     for n in a.resume_gpus:

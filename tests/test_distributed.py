@@ -113,6 +113,52 @@ def test_background_checkpoint_holds_the_state_of_its_step(toy, tmp_path, device
     assert not list((tmp_path / "back" / "checkpoints").glob(".tmp-*"))
 
 
+STAGER = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from kdtrain.distributed import HostStager
+
+device = sys.argv[1]
+dist.init_process_group("gloo" if device == "cpu" else "cuda:nccl,cpu:gloo")
+if device == "cuda":
+    torch.cuda.set_device(dist.get_rank())
+dev = torch.device(device, dist.get_rank()) if device == "cuda" else torch.device("cpu")
+mesh = init_device_mesh(device, (dist.get_world_size(),))
+x = distribute_tensor(torch.arange(12.0).reshape(6, 2), mesh, [Shard(0)])
+tree = {"model": {"w": x, "n": 3}, "rows": [torch.ones(3, device=dev)]}
+stager = HostStager(dev)
+out = stager.stage(tree)
+stager.wait()
+w = out["model"]["w"]
+assert type(w) is type(x) and w.placements == x.placements and w.shape == x.shape, w
+assert w.to_local().device.type == "cpu" and out["rows"][0].device.type == "cpu"
+assert w.to_local().is_pinned() == (device == "cuda")
+assert torch.equal(w.to_local(), x.to_local().cpu()) and out["model"]["n"] == 3
+x.to_local().add_(1)  # training moves on: the copy keeps the saved step
+assert torch.equal(w.to_local() + 1, x.to_local().cpu())
+again = stager.stage(tree)
+stager.wait()
+assert again["model"]["w"].to_local().data_ptr() == w.to_local().data_ptr()  # host buffers reused
+assert torch.equal(again["model"]["w"].to_local(), x.to_local().cpu())
+print("STAGED", dist.get_rank())
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_host_stager_copies_shards_to_reused_host_buffers(tmp_path, device):
+    """The background checkpoint's host copy: DTensors keep their placements with a CPU (on CUDA
+    pinned) local copy that later training does not change, and the next save reuses the buffers."""
+    script = tmp_path / "stager.py"
+    script.write_text(STAGER)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), device], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("STAGED") == 2, proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sharded_online_teacher_matches_one_rank(toy, tmp_path, device):
     online = ["kd.teacher=online", f"kd.teacher_path={toy['teacher']}", "train.steps=3", "train.grad_accum=2"]

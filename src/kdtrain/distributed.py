@@ -275,53 +275,86 @@ def _publish_dcp(tmp: Path, final: Path, rank: int, world: int, keep: int, group
     dist.barrier(group=group)
 
 
+class HostStager:
+    """Copies a state tree's tensors into host buffers kept from one save to the next (pinned on
+    CUDA, where the copies are queued on a side stream and ``wait`` waits for them). A tensor
+    subclass (a DTensor, torchao's low-bit optimizer state, or both) is copied through its inner
+    tensors and rebuilt around the copies, so a DTensor keeps its mesh and placements."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.done = None  # a CUDA event after the last queued copy
+
+    def stage(self, tree):
+        if not self.cuda:
+            return self._copy(tree, ())
+        self.stream.wait_stream(torch.cuda.current_stream())  # the step that wrote the state is done
+        with torch.cuda.stream(self.stream):
+            out = self._copy(tree, ())
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return out
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+    def _copy(self, x, path: tuple):
+        if isinstance(x, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [self._copy(v, (*path, i)) for i, v in enumerate(x)]
+        if not isinstance(x, torch.Tensor):
+            return x
+        if type(x) is not torch.Tensor and hasattr(x, "__tensor_flatten__"):
+            # A DTensor is rebuilt around its local copy this way too (``DTensor.from_local`` would
+            # move the copy back to the mesh's device).
+            names, ctx = x.__tensor_flatten__()
+            inner = {n: self._copy(getattr(x, n), (*path, n)) for n in names}
+            return type(x).__tensor_unflatten__(inner, ctx, x.size(), x.stride())
+        buf = self.buffers.get(path)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self.buffers[path] = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda and x.is_cuda)
+        buf.copy_(x, non_blocking=self.cuda)
+        return buf
+
+
 class AsyncSaver:
     """The sharded checkpoint being written in the background, one at a time.
 
-    ``start`` returns once the state is staged to host memory, or on CUDA once the copy is queued
-    on a side stream; ``wait_for_staging`` must then run before the weights or optimizer state
-    change (the trainer calls it before each optimizer step). ``wait`` blocks until the checkpoint
-    is published and raises ``CheckpointError`` if writing it failed."""
+    ``start`` returns once the state's copy to host memory is done, or on CUDA queued on a side
+    stream (``HostStager``); ``wait_for_staging`` must then run before the weights or optimizer
+    state change (the trainer calls it before each optimizer step). A thread then writes the copy
+    with ``dcp.save`` over a gloo group of its own, hashes and publishes it. ``wait`` blocks until
+    the checkpoint is published and raises ``CheckpointError`` if writing it failed."""
 
     def __init__(self, device: torch.device):
         from concurrent.futures import ThreadPoolExecutor
 
         self.group = dist.new_group(backend="gloo")  # the writer's collectives, apart from training's
-        self.stager = None
-        try:  # torch >= 2.8: a stager that keeps its (pinned) host buffers from one save to the next
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            cuda = device.type == "cuda"
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                       use_async_staging=cuda, use_non_blocking_copy=cuda))
-        except ImportError:
-            pass
+        self.stager = HostStager(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdtrain-checkpoint")
-        self.staged = None  # a Future while the host copy is in flight
         self.pending = None  # (Future, final path) until published
 
     def start(self, state: dict, tmp: Path, final: Path, rank: int, world: int, keep: int) -> None:
         import torch.distributed.checkpoint as dcp
 
-        kwargs = {"async_stager": self.stager} if self.stager is not None else {}
-        response = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self.group, **kwargs)
-        upload = getattr(response, "upload_completion", response)
-        self.staged = getattr(response, "staging_completion", None)
+        staged = self.stager.stage(state)
 
-        def finish():
-            upload.result()
+        def write():
+            self.stager.wait()
+            dcp.save(staged, checkpoint_id=str(tmp / "dcp"), process_group=self.group)
             _publish_dcp(tmp, final, rank, world, keep, self.group)
 
-        self.pending = (self.pool.submit(finish), final)
+        self.pending = (self.pool.submit(write), final)
 
     def wait_for_staging(self) -> None:
-        if self.staged is not None:
-            self.staged.result()
-            self.staged = None
+        self.stager.wait()
 
     def wait(self) -> None:
-        from .checkpoint import CheckpointError
-
         self.wait_for_staging()
         if self.pending is None:
             return
@@ -329,17 +362,13 @@ class AsyncSaver:
         try:
             future.result()
         except Exception as e:  # the write failed on some rank: the checkpoint was never published
-            raise CheckpointError(f"writing checkpoint {final.name} in the background failed ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); it was not "
-                                  f"published, so the previous checkpoint stays the resume point. Check the disk "
-                                  f"under {final.parent}, or set train.async_checkpoint=false to write in the "
-                                  "foreground.") from None
+            from .checkpoint import CheckpointError
 
-    def close(self) -> None:
-        self.wait()
-        self.pool.shutdown()
-        if self.stager is not None:
-            self.stager.close()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise CheckpointError(f"writing checkpoint {final.name} in the background failed ({type(e).__name__}: "
+                                  f"{first}); it was not published, so the previous checkpoint stays the resume "
+                                  f"point. Check the disk under {final.parent}, or set train.async_checkpoint=false "
+                                  "to write in the foreground.") from None
 
 
 def wait_for_staging(trainer) -> None:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# On a GPU machine from the repository root: kdtrain from src/, optional wheels from .whl/, the
+# NCCL settings the bench launches with, and the Python that holds torch. Usage:
+#   bash bench/run_device.sh python3 bench/worker_9b.py --gpus 4 ...
+set -uo pipefail
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$@"
