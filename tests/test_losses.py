@@ -41,15 +41,6 @@ WEIGHTS = {"kl_div": 1.0, "ce_teacher": 0.5, "ce_ground_truth": 0.3}
 HYP = settings(max_examples=25, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add wake-up latency (100x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- naive references (fp64)
 
 def ref_probs(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
