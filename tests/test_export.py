@@ -16,7 +16,8 @@ import torch
 
 from kdtrain.cli import main
 from kdtrain.export import (META, TOLERANCE, ExportDecoder, StatefulDecoder, ToyTorch, causal_mask, export,
-                            export_coreml, load_hf, onnx_greedy, onnx_prefill_feed, onnx_session, probe_onnx)
+                            export_coreml, load_hf, make_conversion_toys, onnx_greedy, onnx_prefill_feed, onnx_session,
+                            probe_onnx)
 
 ct = pytest.importorskip("coremltools")
 ort = pytest.importorskip("onnxruntime")
@@ -319,13 +320,26 @@ def test_hf_stays_the_default_format(ckpt, student, tmp_path, capsys):
     assert json.loads((out / META).read_text())["format"] == "hf"
 
 
-# ---- the conversion toys (smoke) ----
+# ---- the conversion toys (smoke, but for the toy block's ONNX export) ----
+
+@pytest.fixture(scope="module")
+def conversion_toys(tmp_path_factory) -> dict:
+    """The toy block and the tiny torch model, as ``kdtrain make-toy`` writes them; the toy block's
+    ONNX export (seconds) is ``toy_onnx``'s, built only for the test that reads it."""
+    return make_conversion_toys(tmp_path_factory.mktemp("conversion_toys"), onnx=False)
+
 
 @pytest.fixture(scope="module")
 def toy_block(conversion_toys):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(conversion_toys["toy_block"], local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(tmp_path_factory):
+    """``toy_onnx.onnx`` as ``kdtrain make-toy`` writes it (the other toys again with it: a fraction of a second)."""
+    return make_conversion_toys(tmp_path_factory.mktemp("conversion_toys_onnx"))["toy_onnx"]
 
 
 @pytest.mark.smoke
@@ -347,12 +361,13 @@ def test_toy_block_export_decoder_equals_hugging_face(toy_block):
     torch.testing.assert_close(logits, ref[1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.smoke
-def test_toy_onnx_probe_and_cached_decode_match_pytorch(conversion_toys, toy_block):
+def test_toy_onnx_probe_and_cached_decode_match_pytorch(toy_onnx, toy_block):
+    """Not smoke: the export takes seconds. The smoke suite checks its parts, ``ExportDecoder``
+    against Hugging Face (above) and the ONNX path on the tiny torch model (below)."""
     ids = torch.arange(10)[None] * 37 % 256
-    probe = probe_onnx(conversion_toys["toy_onnx"], toy_block, ids)
+    probe = probe_onnx(toy_onnx, toy_block, ids)
     assert probe.first_divergence is None, probe.report()
-    assert onnx_greedy(onnx_session(conversion_toys["toy_onnx"]), ids, 16) == hf_greedy(toy_block, ids, 16)
+    assert onnx_greedy(onnx_session(toy_onnx), ids, 16) == hf_greedy(toy_block, ids, 16)
 
 
 def test_toy_block_converts_to_a_stateful_coreml_program(toy_block, tmp_path):

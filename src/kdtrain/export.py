@@ -391,11 +391,12 @@ class ToyTorch(nn.Module):
         return self.net(x)
 
 
-def make_conversion_toys(out_dir: str | Path, seed: int = 0) -> dict:
+def make_conversion_toys(out_dir: str | Path, seed: int = 0, onnx: bool = True) -> dict:
     """Write the conversion toys into ``out_dir``: ``toy_block/`` (a one-block Llama causal LM at
     the toy student's width, a Hugging Face directory), ``toy_torch.pt`` (``ToyTorch``'s weights-only
-    state dict) and ``toy_onnx.onnx`` (the toy block exported by ``export_onnx``). Weights are drawn
-    in float64 and rounded, so every CPU gives the same bytes."""
+    state dict) and ``toy_onnx.onnx`` (the toy block exported by ``export_onnx``; seconds, where the
+    rest takes a fraction of one: ``onnx=False`` leaves it out). Weights are drawn in float64 and
+    rounded, so every CPU gives the same bytes."""
     from transformers import LlamaForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -414,5 +415,7 @@ def make_conversion_toys(out_dir: str | Path, seed: int = 0) -> dict:
         for p in toy.parameters():
             p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=g) * 0.5)
     torch.save(toy.state_dict(), out / "toy_torch.pt")
-    export_onnx(block, out / "toy_onnx.onnx")
-    return {"toy_block": out / "toy_block", "toy_torch": out / "toy_torch.pt", "toy_onnx": out / "toy_onnx.onnx"}
+    toys = {"toy_block": out / "toy_block", "toy_torch": out / "toy_torch.pt"}
+    if onnx:
+        toys["toy_onnx"] = export_onnx(block, out / "toy_onnx.onnx")
+    return toys
