@@ -70,7 +70,7 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.smoke
-def test_toy_pipeline_serve_gen_data_train(toy_server, toy, tmp_path, make_cfg):
+def test_toy_pipeline_serve_gen_data_train(toy_server, tokenizer, tmp_path, make_cfg):
     url, faults = toy_server
     faults.reset()
     prompts = _prompts(tmp_path / "prompts.jsonl", 30)
@@ -81,14 +81,12 @@ def test_toy_pipeline_serve_gen_data_train(toy_server, toy, tmp_path, make_cfg):
     assert len(recs) == 24 and len({r["id"] for r in recs}) == 24
     assert faults.count == 24
     assert all(r["teacher_text"].strip() and r["reference"] and r["metadata"]["usage"] for r in recs)
-    from kdtrain.tokenizer import load_tokenizer
-
-    assert len(load_dataset([out], load_tokenizer(toy["tokenizer"]), 32000)) == 24
+    assert len(load_dataset([out], tokenizer, 32000)) == 24
     cfg = make_cfg(f"io.train_shards=[{out}]", f"io.val_shards=[{out}]", "train.steps=3", "kd.teacher=none",
                    "distillation.kl_weight=0", "distillation.ce_ground_truth_weight=0")
     from kdtrain.trainer import Trainer
 
-    rows = Trainer(cfg).fit()
+    rows = Trainer(cfg, log=False).fit()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["ce_teacher"] > 0 for r in rows)
 
