@@ -141,6 +141,13 @@ again = stager.stage(tree)
 stager.wait()
 assert again["model"]["w"].to_local().data_ptr() == w.to_local().data_ptr()  # host buffers reused
 assert torch.equal(again["model"]["w"].to_local(), x.to_local().cpu())
+ahead = HostStager(dev)
+ahead.allocate(tree)  # what the trainer does in the background after its first step
+ptrs = sorted(b.data_ptr() for b in ahead.buffers.values())
+staged = ahead.stage(tree)
+ahead.wait()
+assert sorted(b.data_ptr() for b in ahead.buffers.values()) == ptrs  # the first save allocates nothing
+assert staged["model"]["w"].to_local().data_ptr() in ptrs and torch.equal(staged["model"]["w"].to_local(), x.to_local().cpu())
 print("STAGED", dist.get_rank())
 dist.destroy_process_group()
 '''
@@ -149,7 +156,8 @@ dist.destroy_process_group()
 @pytest.mark.parametrize("device", DEVICES)
 def test_host_stager_copies_shards_to_reused_host_buffers(tmp_path, device):
     """The background checkpoint's host copy: DTensors keep their placements with a CPU (on CUDA
-    pinned) local copy that later training does not change, and the next save reuses the buffers."""
+    pinned) local copy that later training does not change; the next save reuses the buffers, and
+    buffers allocated ahead of the first save are the ones it fills."""
     script = tmp_path / "stager.py"
     script.write_text(STAGER)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}

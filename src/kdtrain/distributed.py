@@ -252,8 +252,7 @@ def _save_dcp(trainer, model_sd: dict, optim_sd: dict, trainer_state: dict, meta
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))
         _publish_dcp(tmp, final, rank, world, keep, group=None)
         return final
-    if trainer.saver is None:
-        trainer.saver = AsyncSaver(trainer.device)
+    prepare_saves(trainer)
     trainer.saver.start(state, tmp, final, rank, world, keep)
     return final
 
@@ -302,23 +301,28 @@ class HostStager:
             self.done.synchronize()
             self.done = None
 
-    def _copy(self, x, path: tuple):
+    def allocate(self, tree) -> None:
+        """The buffers ``stage`` will fill, allocated ahead of it (pinning tens of GB takes seconds)."""
+        self._copy(tree, (), copy=False)
+
+    def _copy(self, x, path: tuple, copy: bool = True):
         if isinstance(x, dict):
-            return {k: self._copy(v, (*path, k)) for k, v in x.items()}
+            return {k: self._copy(v, (*path, k), copy) for k, v in x.items()}
         if isinstance(x, list):
-            return [self._copy(v, (*path, i)) for i, v in enumerate(x)]
+            return [self._copy(v, (*path, i), copy) for i, v in enumerate(x)]
         if not isinstance(x, torch.Tensor):
             return x
         if type(x) is not torch.Tensor and hasattr(x, "__tensor_flatten__"):
             # A DTensor is rebuilt around its local copy this way too (``DTensor.from_local`` would
             # move the copy back to the mesh's device).
             names, ctx = x.__tensor_flatten__()
-            inner = {n: self._copy(getattr(x, n), (*path, n)) for n in names}
-            return type(x).__tensor_unflatten__(inner, ctx, x.size(), x.stride())
+            inner = {n: self._copy(getattr(x, n), (*path, n), copy) for n in names}
+            return type(x).__tensor_unflatten__(inner, ctx, x.size(), x.stride()) if copy else None
         buf = self.buffers.get(path)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self.buffers[path] = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda and x.is_cuda)
-        buf.copy_(x, non_blocking=self.cuda)
+        if copy:
+            buf.copy_(x, non_blocking=self.cuda)
         return buf
 
 
@@ -335,16 +339,30 @@ class AsyncSaver:
         from concurrent.futures import ThreadPoolExecutor
 
         self.group = dist.new_group(backend="gloo")  # the writer's collectives, apart from training's
+        self.device = device
         self.stager = HostStager(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdtrain-checkpoint")
         self.pending = None  # (Future, final path) until published
+        self.allocating = None  # the Future of ``prepare``
+
+    def _in_thread(self) -> None:
+        if self.device.type == "cuda":  # a thread starts on GPU 0: a context there would cost rank 0 memory
+            torch.cuda.set_device(self.device)
+
+    def prepare(self, state: dict) -> None:
+        """Allocate (and pin) the host buffers in the background, long before the first save."""
+        self.allocating = self.pool.submit(lambda: (self._in_thread(), self.stager.allocate(state)))
 
     def start(self, state: dict, tmp: Path, final: Path, rank: int, world: int, keep: int) -> None:
         import torch.distributed.checkpoint as dcp
 
+        if self.allocating is not None:
+            self.allocating.result()
+            self.allocating = None
         staged = self.stager.stage(state)
 
         def write():
+            self._in_thread()
             self.stager.wait()
             dcp.save(staged, checkpoint_id=str(tmp / "dcp"), process_group=self.group)
             _publish_dcp(tmp, final, rank, world, keep, self.group)
@@ -369,6 +387,18 @@ class AsyncSaver:
                                   f"{first}); it was not published, so the previous checkpoint stays the resume "
                                   f"point. Check the disk under {final.parent}, or set train.async_checkpoint=false "
                                   "to write in the foreground.") from None
+
+
+def prepare_saves(trainer) -> None:
+    """A sharded run with ``train.async_checkpoint``: the background saver, with its host buffers
+    allocated in the background as soon as the optimizer state exists (after the first step)."""
+    if trainer.saver is not None or not (trainer.dist.enabled and trainer.cfg.train.async_checkpoint):
+        return
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    trainer.saver = AsyncSaver(trainer.device)
+    model_sd, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+    trainer.saver.prepare({"model": model_sd, "optimizer": optim_sd})
 
 
 def wait_for_staging(trainer) -> None:

@@ -278,6 +278,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         set_lr(self.optimizer, lr_at(self.cfg, self.step))
+        dist_utils.prepare_saves(self)  # once: host buffers for background checkpoints, allocated meanwhile
         return {**dict(zip(COMPONENTS, values)), "grad_norm": grad_norm}
 
     def train_step(self, batches: list[dict]) -> dict:
