@@ -13,7 +13,9 @@ reports how long training was held up: ``save()`` itself plus what the next step
 median (with ``train.async_checkpoint`` the shards are written in the background, and only the
 host copy can hold the next optimizer step), and when the checkpoint was published. ``--resume-gpus``
 relaunches from that checkpoint on each listed GPU count and compares the next step's loss with
-the uninterrupted run's (the step after the checkpoint runs at the first length). ``--compare-gpus``
+the uninterrupted run's (the step after the checkpoint runs at the first length). A dry run on CPU
+processes, before GPU time is spent: ``--set arch.d_model=64 arch.n_layers=2 arch.n_heads=4
+arch.n_kv_heads=2 arch.d_head=16 arch.d_ff=128 train.device=cpu train.precision=fp32``. ``--compare-gpus``
 runs the first length on other GPU counts (same micro-batches per GPU) and prints the scaling of
 the total tokens/s. The lengths are driven by the bench, one after the other, as the curriculum
 of ``configs/worker_9b.yaml`` runs them. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
@@ -148,8 +150,7 @@ def worker(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", type=int, default=2)
-    p.add_argument("--config", default=str(CONFIG), help="another student (a dry run of this bench on CPU: "
-                   "configs/toy.yaml --set train.device=cpu)")
+    p.add_argument("--config", default=str(CONFIG), help="another student config")
     p.add_argument("--seqs", type=int, nargs="+", default=[4096])
     p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length (after one warm-up)")
     p.add_argument("--grad-accum", type=int, default=2)

@@ -4,6 +4,8 @@ and the step is the same either way."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,11 +13,13 @@ from kdtrain.config import load_config
 from kdtrain.model import AUTO_MEMORY_FRACTION, checkpointed_layers, memory_estimate
 from kdtrain.trainer import Trainer
 
+WORKER = str(Path(__file__).resolve().parents[1] / "configs" / "worker_9b.yaml")
+
 
 def test_partly_checkpointed_activations_interpolate_between_none_and_all():
     """Each checkpointed layer keeps only its input (tokens x d_model in bf16) instead of its
     working set: the activations term moves linearly from none checkpointed to all."""
-    cfg, _ = load_config(["configs/worker_9b.yaml"], [])
+    cfg, _ = load_config([WORKER], [])
     L, S = cfg.arch.n_layers, 4096
     none, every = (memory_estimate(cfg, 4, S, k)["activations"] for k in (0, L))
     assert every == L * S * cfg.arch.d_model * 2
@@ -23,12 +27,12 @@ def test_partly_checkpointed_activations_interpolate_between_none_and_all():
         assert memory_estimate(cfg, 4, S, k)["activations"] == pytest.approx(none + k / L * (every - none))
     # The default follows the config: every layer when grad_checkpointing is true (or auto), none when false.
     assert memory_estimate(cfg, 4, S)["activations"] == every
-    off, _ = load_config(["configs/worker_9b.yaml"], ["train.grad_checkpointing=false"])
+    off, _ = load_config([WORKER], ["train.grad_checkpointing=false"])
     assert memory_estimate(off, 4, S)["activations"] == none
 
 
 def test_auto_checkpoints_the_fewest_layers_that_fit():
-    cfg, _ = load_config(["configs/worker_9b.yaml"], ["train.grad_checkpointing=auto"])
+    cfg, _ = load_config([WORKER], ["train.grad_checkpointing=auto"])
     L = cfg.arch.n_layers
     gib = 2**30
     for world, seq, gpu in [(2, 8192, 139.8), (4, 8192, 79.2), (2, 16384, 139.8), (4, 16384, 79.2)]:
