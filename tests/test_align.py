@@ -65,6 +65,52 @@ def test_tokens_that_do_not_spell_the_text_name_the_token():
     assert e.value.position == 1
 
 
+def _cut(text: bytes, sizes: list[int]) -> list[bytes]:
+    """``text`` in pieces of ``sizes`` bytes (0: an empty piece, as a special token spells), the rest last."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(text[at:at + n])
+        at += n
+    return out + [text[at:]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.binary(max_size=16), t=st.lists(st.integers(0, 3), max_size=10),
+       s=st.lists(st.integers(0, 3), max_size=10), prefix=st.booleans())
+def test_match_is_its_definition(text, t, s, prefix):
+    """Brute force: a student token with a non-empty span gets the teacher token with the same span.
+    Empty pieces on both sides; the student's side may carry a virtual space in front."""
+    ts, te, _ = align.spans(_cut(text, t), text)
+    ss, se, _ = align.spans(_cut(b" " + text if prefix else text, s), text)
+    want = [next((i for i in range(len(ts)) if (ts[i], te[i]) == (a, b)), None) if b > a else None
+            for a, b in zip(ss, se)]
+    assert align.match(ss, se, ts, te) == want
+    assert align.spans([], b"") == ([], [], b"")
+
+
+def test_parsed_logprobs_keep_every_value_bit_for_bit():
+    rows = [[math.log(0.5), math.log(0.25)], [-2, -800.0], [-0.1234567890123, -2.5]]  # an int, an underflow
+    entries = [{"bytes": [97 + j], "logprob": row[0], "top_logprobs": [{"bytes": [97], "logprob": v} for v in row]}
+               for j, row in enumerate(rows)]
+    pieces, tops, lp = align.parse_api_logprobs(entries)
+    assert pieces == [b"a", b"b", b"c"] and tops[1] is entries[1]["top_logprobs"]
+    assert lp.dtype == torch.float64 and lp.tolist() == rows
+
+
+@pytest.mark.parametrize("bad, expect", [("ab", r"token 1 has no 'top_logprobs\[\].bytes'"),
+                                         ([300], r"token 1 has 'top_logprobs\[\].bytes' that are not byte values"),
+                                         (None, r"token 1 has no 'top_logprobs\[\].bytes'")])
+def test_bad_alternative_bytes_at_an_aligned_position_name_the_token(tokenizer, bad, expect):
+    v = align.vocab_bytes(tokenizer)
+    alts = [[(b"a", -1.0), (b"b", -2.0)], [(b" b", -1.0), (b"c", -2.0)]]
+    tops = [[{"bytes": list(b), "logprob": x} for b, x in row] for row in alts]
+    tops[1][1]["bytes"] = bad
+    lp = torch.tensor([[x for _, x in row] for row in alts], dtype=torch.float64)
+    with pytest.raises(align.AlignError, match=expect) as e:
+        align.align_api([b"a", b" b"], tops, lp, "a b", tokenizer.encode("a b", add_special_tokens=False), v, 2)
+    assert e.value.position == 1
+
+
 def test_sentencepiece_byte_view(tokenizer):
     v = align.vocab_bytes(tokenizer)
     assert align.vocab_bytes(tokenizer) is v  # built once per tokenizer

@@ -32,13 +32,16 @@ import json
 import math
 import re
 import weakref
+from array import array
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import chain
+from operator import itemgetter
 
 import torch
 
 TAIL_FLOOR = 1e-7  # the smallest tail mass a filled row keeps (the loss floors its tail the same way)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_LOGPROB = itemgetter("logprob")
 
 
 class AlignError(ValueError):
@@ -61,6 +64,20 @@ class Vocab:
 
     def __len__(self) -> int:
         return len(self.pieces)
+
+
+def _tensor(buf: array) -> torch.Tensor:
+    """A 1-d tensor on an ``array`` of int64 or float64 (``torch.tensor`` on a list costs several times more)."""
+    dtype = torch.float64 if buf.typecode == "d" else torch.int64
+    return torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.zeros(0, dtype=dtype)
+
+
+def _ints(values) -> torch.Tensor:
+    return _tensor(array("q", list(values)))
+
+
+def _floats(values) -> torch.Tensor:
+    return _tensor(array("d", list(values)))
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -127,6 +144,11 @@ def spans(pieces: list[bytes], text: bytes) -> tuple[list[int], list[int], bytes
 
     Raises AlignError (position = first token that leaves the text) when the pieces do not spell it.
     """
+    starts, ends, prefix = _spans(pieces, text)
+    return starts.tolist(), ends.tolist(), prefix
+
+
+def _spans(pieces: list[bytes], text: bytes) -> tuple[torch.Tensor, torch.Tensor, bytes]:
     joined = b"".join(pieces)
     prefix = b""
     if joined != text:
@@ -136,11 +158,12 @@ def spans(pieces: list[bytes], text: bytes) -> tuple[list[int], list[int], bytes
             pos, at = _first_mismatch(pieces, text)
             raise AlignError(f"the tokens do not spell the response text: token {pos} ({pieces[pos]!r}) "
                              f"at byte {at} where the text has {text[at:at + len(pieces[pos])]!r}", pos)
-    ends = list(accumulate(len(p) for p in pieces))
-    starts = [0] + ends[:-1]
+    lens = _ints(map(len, pieces))
+    ends = lens.cumsum(0)
+    starts = ends - lens
     if prefix:  # a token of the virtual space alone keeps the span [-1, 0); it matches only its twin
-        ends = [e - 1 for e in ends]
-        starts = [s - 1 if e == 0 else max(s - 1, 0) for s, e in zip(starts, ends)]
+        ends = ends - 1
+        starts = torch.where(ends == 0, starts - 1, (starts - 1).clamp(min=0))
     return starts, ends, prefix
 
 
@@ -155,12 +178,17 @@ def _first_mismatch(pieces: list[bytes], text: bytes) -> tuple[int, int]:
 
 def match(s_starts: list[int], s_ends: list[int], t_starts: list[int], t_ends: list[int]) -> list[int | None]:
     """For each student token, the teacher token with exactly its byte span, or None."""
-    by_start = {s: i for i, (s, e) in enumerate(zip(t_starts, t_ends)) if e > s}
-    out = []
-    for s, e in zip(s_starts, s_ends):
-        i = by_start.get(s)
-        out.append(i if i is not None and e > s and t_ends[i] == e else None)
-    return out
+    which = _match(*map(_ints, (s_starts, s_ends, t_starts, t_ends)))
+    return [None if i < 0 else i for i in which.tolist()]
+
+
+def _match(s_starts: torch.Tensor, s_ends: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
+    """``match`` on spans as ``_spans`` gives them, -1 for None."""
+    keep = (t_ends > t_starts).nonzero().flatten()  # the non-empty teacher spans: their starts increase
+    if not len(keep):
+        return torch.full_like(s_starts, -1)
+    i = keep[torch.searchsorted(t_starts[keep], s_starts).clamp(max=len(keep) - 1)]
+    return torch.where((t_starts[i] == s_starts) & (t_ends[i] == s_ends), i, -1)
 
 
 def _key(b: bytes, t_strip: bytes, s_add: bytes) -> bytes:
@@ -246,12 +274,12 @@ def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[dict]], torch.Te
         if not K or any(t.__class__ is not list or len(t) != K for t in tops):
             raise ValueError
         pieces = [bytes(b) if (b := e["bytes"]).__class__ is list else None for e in entries]
-        lp = torch.tensor([a["logprob"] for t in tops for a in t], dtype=torch.float64).view(len(entries), K)
-        chosen = torch.tensor([e["logprob"] for e in entries], dtype=torch.float64)
+        lp = _floats(map(_LOGPROB, chain.from_iterable(tops))).view(len(entries), K)
+        chosen = _floats(map(_LOGPROB, entries))
         ok = None not in pieces and bool(torch.isfinite(lp).all() and torch.isfinite(chosen).all()
                                          and lp.max() <= 1e-6 and chosen.max() <= 1e-6
                                          and (lp.exp().sum(-1) <= 1 + 1e-3).all())
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError):
         ok = False
     if not ok:
         _check_entries(entries)
@@ -310,34 +338,38 @@ def align_api(pieces: list[bytes], tops: list[list[dict]], lp: torch.Tensor, tex
     """Rows for ``student_ids`` (the student's tokens of ``text``, any trailing EOS) from an endpoint's
     tokens and top alternatives (``parse_api_logprobs``)."""
     raw = text.encode("utf-8")
-    t_starts, t_ends, _ = spans(pieces, raw)
+    t_starts, t_ends, _ = _spans(pieces, raw)
     pos = [p for p, i in enumerate(student_ids) if vocab.pieces[i] is not None]  # EOS carries no bytes
-    s_starts, s_ends, _ = spans([vocab.pieces[student_ids[p]] for p in pos], raw)
-    pairs = [(j, i) for j, i in enumerate(match(s_starts, s_ends, t_starts, t_ends)) if i is not None]
+    s_starts, s_ends, _ = _spans([vocab.pieces[student_ids[p]] for p in pos], raw)
+    which = _match(s_starts, s_ends, t_starts, t_ends)
+    at = (which >= 0).nonzero().flatten()  # aligned, as indices into pos
     ids: list[list[int] | None] = [None] * len(student_ids)
     lps: list[list[float] | None] = [None] * len(student_ids)
-    if not pairs:
+    if not len(at):
         return Rows(ids, lps, 0, 0.0, 0.0)
+    rows_t = which[at]
+    rows = rows_t.tolist()
     get, prefix = vocab.by_bytes.get, vocab.prefix
     try:  # one pass: -2 marks an alternative without a list of bytes
-        flat = [get(bytes(b), -1) if (b := a["bytes"]).__class__ is list else -2 for _, i in pairs for a in tops[i]]
+        flat = array("q", [get(bytes(b), -1) if (b := a["bytes"]).__class__ is list else -2
+                           for i in rows for a in tops[i]])
     except (KeyError, TypeError, ValueError):
-        flat = [-2]
+        flat = array("q", [-2])
     if -2 in flat:
-        for _, i in pairs:
+        for i in rows:
             for a in tops[i]:
                 _bytes_of(a if isinstance(a, dict) else {}, i, "top_logprobs[].bytes")
         raise AlignError("a top_logprobs entry has no list of bytes")
-    sid = torch.tensor(flat).view(len(pairs), lp.shape[1])
-    if pairs[0][0] == 0:  # the student's first token: its virtual space goes in front
+    sid = _tensor(flat).view(len(rows), -1)
+    if at[0] == 0:  # the student's first token: its virtual space goes in front
         sid[0] = torch.tensor([get(_key(bytes(a["bytes"]), b"", prefix), -1) if a["bytes"] else -1
-                               for a in tops[pairs[0][1]]])
-    rows_lp = lp[[i for _, i in pairs]]
+                               for a in tops[rows[0]]])
+    rows_lp = lp[rows_t]
     p = rows_lp.exp()
     row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
-    for (j, _), ri, rl in zip(pairs, row_ids, row_lps):
-        ids[pos[j]], lps[pos[j]] = ri, rl
-    return Rows(ids, lps, len(pairs), float(p.sum()), float((p * (sid >= 0)).sum()))
+    for q, ri, rl in zip(map(pos.__getitem__, at.tolist()), row_ids, row_lps):
+        ids[q], lps[q] = ri, rl
+    return Rows(ids, lps, len(rows), float(p.sum()), float((p * (sid >= 0)).sum()))
 
 
 # ---- a local teacher with another tokenizer: its full distribution, mapped to student ids ----
