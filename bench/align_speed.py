@@ -8,11 +8,15 @@ Text: 1,000-student-token slices of the Markdown, reStructuredText and text file
 this environment's site-packages (English prose, code, tables; seeded choice).
 
 Speed: ``--records`` endpoint records of about ``--tokens`` student tokens, each with Tekken's
-tokens and ``--k`` alternatives per token as ``teacher_api_logprobs`` (already JSON-decoded):
-the student's tokenization, ``parse_api_logprobs`` and ``align_api``, one thread. The
-alternatives are the chosen token plus other Tekken tokens; their identity does not change the
-work. ``--distinct`` records are built and cycled (building 10,000 x 1,000 x K dicts would not fit
-in memory), each aligned afresh.
+tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, one thread. Timed as the
+alignment: the student's tokenization, ``parse_api_logprobs`` and ``align_api``; the JSON decoding
+of each record's line is timed apart (much of it is the garbage collector walking the objects it
+makes). ``--distinct`` records are kept as JSON lines and cycled, each decoded afresh just before
+it is aligned, as a reader streaming the file does: decoded, 10,000 records of 1,000 x 20
+alternatives would take some 80 GB (7.7 MB each). The alternatives are the chosen token and then
+distinct Tekken tokens drawn by their frequency in the texts, as a model's top alternatives are
+mostly common tokens (uniform draws from Tekken's 131,072 would make most of them long rare tokens
+that no student piece spells).
 
 Coverage: the fraction of the student's text positions whose token spans exactly one teacher
 token. Mapped mass needs a teacher's distribution: for the toy pair it is measured with its
@@ -31,6 +35,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the tokenizers library: one c
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -69,13 +74,16 @@ def tekken():
     return tk, pieces
 
 
-def api_entries(ids: list[int], pieces: list, K: int, rng: random.Random) -> list[dict]:
-    """An endpoint's teacher_api_logprobs for the tokens ``ids``: each token first, then K - 1 others."""
-    pool = [i for i in range(len(pieces)) if pieces[i]]
+def api_entries(ids: list[int], pieces: list, K: int, pool: list[int], rng: random.Random) -> list[dict]:
+    """An endpoint's teacher_api_logprobs for the tokens ``ids``: each token first, then K - 1 other
+    distinct tokens drawn from ``pool``."""
     lps = [math.log(0.45 * 0.5 ** j) for j in range(K)]  # normalised: sums below 0.9
     out = []
     for t in ids:
-        alts = [t] + [rng.choice(pool) for _ in range(K - 1)]
+        alts = [t]
+        while len(alts) < K:
+            if (a := rng.choice(pool)) not in alts:
+                alts.append(a)
         out.append({"token": pieces[t].decode("utf-8", "replace"), "bytes": list(pieces[t]), "logprob": lps[0],
                     "top_logprobs": [{"token": pieces[a].decode("utf-8", "replace"), "bytes": list(pieces[a]),
                                       "logprob": v} for a, v in zip(alts, lps)]})
@@ -134,26 +142,36 @@ def main() -> None:
 
     # ---- speed: records x tokens with K alternatives, one core ----
     rng = random.Random(0)
-    records = [(text, api_entries(tk.encode(text, bos=False, eos=False), t_pieces, a.k, rng)) for text in texts]
-    t_tok = t_parse = t_align = 0.0
+    lines = [json.dumps({"teacher_text": text, "teacher_api_logprobs": api_entries(
+        tk.encode(text, bos=False, eos=False), t_pieces, a.k, occ, rng)}) for text in texts]
+    cpu = [0.0] * 4  # CPU seconds (steadier than wall time on a shared machine): JSON, tokenize, parse, align
     positions = aligned = 0
-    cpu0 = time.process_time()
+    listed = mapped = 0.0
+    wall = time.perf_counter()
     for r in range(a.records):
-        text, entries = records[r % len(records)]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
+        rec = json.loads(lines[r % len(lines)])
+        t1 = time.process_time()
+        text = rec["teacher_text"]
         ids = student.encode(text, add_special_tokens=False) + [student.eos_token_id]
-        t1 = time.perf_counter()
-        pieces, tops, lp = align.parse_api_logprobs(entries)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
+        pieces, tops, lp = align.parse_api_logprobs(rec["teacher_api_logprobs"])
+        t3 = time.process_time()
         rows = align.align_api(pieces, tops, lp, text, ids, s_vocab, a.k)
-        t3 = time.perf_counter()
-        t_tok, t_parse, t_align = t_tok + t1 - t0, t_parse + t2 - t1, t_align + t3 - t2
-        positions += len(ids)
-        aligned += rows.aligned
-    total, cpu = t_tok + t_parse + t_align, time.process_time() - cpu0
-    print(f"{a.records:,} records, {positions:,} student tokens, K={a.k}: {total:.1f} s wall on one core "
-          f"(student tokenization {t_tok:.1f} s, parse {t_parse:.1f} s, align {t_align:.1f} s), {cpu:.1f} s CPU; "
-          f"{positions / total / 1e3:.1f}k tokens/s; {aligned / positions:.1%} of positions aligned")
+        t4 = time.process_time()
+        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            cpu[i] += dt
+        positions, aligned = positions + len(ids), aligned + rows.aligned
+        listed, mapped = listed + rows.listed_mass, mapped + rows.mapped_mass
+    wall = time.perf_counter() - wall
+    per_k = [t / a.records * 1e3 for t in cpu]  # seconds per 1,000 records
+    total = sum(per_k[1:])
+    print(f"{a.records:,} records, {positions:,} student tokens, K={a.k}; {aligned / positions:.1%} of positions "
+          f"aligned, {mapped / listed:.1%} of the listed mass mapped")
+    print(f"alignment on one core: {total:.1f} s CPU per 1,000 records (student tokenization {per_k[1]:.1f}, parse "
+          f"{per_k[2]:.1f}, align {per_k[3]:.1f}), {total * 10:.0f} s for 10,000; {positions / sum(cpu[1:]) / 1e3:.1f}k "
+          f"tokens/s")
+    print(f"JSON decoding of the records, apart: {per_k[0]:.1f} s CPU per 1,000; {wall:.1f} s wall in all")
 
 
 if __name__ == "__main__":
