@@ -9,14 +9,13 @@ this environment's site-packages (English prose, code, tables; seeded choice).
 
 Speed: ``--records`` endpoint records of about ``--tokens`` student tokens, each with Tekken's
 tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, one thread. Timed as the
-alignment: the student's tokenization, ``parse_api_logprobs`` and ``align_api``; the JSON decoding
-of each record's line is timed apart (much of it is the garbage collector walking the objects it
-makes). ``--distinct`` records are kept as JSON lines and cycled, each decoded afresh just before
-it is aligned, as a reader streaming the file does: decoded, 10,000 records of 1,000 x 20
-alternatives would take some 80 GB (7.7 MB each). The alternatives are the chosen token and then
-distinct Tekken tokens drawn by their frequency in the texts, as a model's top alternatives are
-mostly common tokens (uniform draws from Tekken's 131,072 would make most of them long rare tokens
-that no student piece spells).
+alignment: the student's tokenization, ``parse_api_logprobs`` and ``align_api``; decoding each
+record's JSON line, and freeing the record after, are timed apart. ``--distinct`` records are kept
+as JSON lines and cycled, each decoded afresh just before it is aligned, as a reader streaming the
+file does: decoded, 10,000 records of 1,000 x 20 alternatives would take some 80 GB (7.7 MB each).
+The alternatives are the chosen token and then distinct Tekken tokens drawn by their frequency in
+the texts, as a model's top alternatives are mostly common tokens (uniform draws from Tekken's
+131,072 would make most of them long rare tokens that no student piece spells).
 
 Coverage: the fraction of the student's text positions whose token spans exactly one teacher
 token. Mapped mass needs a teacher's distribution: for the toy pair it is measured with its
