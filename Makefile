@@ -18,7 +18,7 @@ smoke_training:
 # against PyTorch layer by layer; the tiny torch model to ONNX and Core ML. Built by the same
 # make_conversion_toys that `kdtrain make-toy` runs.
 smoke_toy:
-	$(PYTHON) -m pytest -m smoke -p no:cacheprovider tests/test_export.py -k "toy_block or toy_onnx or conversion_toys"
+	$(PYTHON) -m pytest -p no:cacheprovider tests/test_export.py -k "toy_block or toy_onnx or conversion_toys"
 
 smoke_torch:
 	$(PYTHON) -m pytest -m smoke -p no:cacheprovider tests/test_export.py -k toy_torch

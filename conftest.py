@@ -73,11 +73,3 @@ def toy_pair(toy) -> dict:
     from kdtrain.toy import make_toy_pair
 
     return make_toy_pair(toy["dir"])
-
-
-@pytest.fixture(scope="session")
-def conversion_toys(tmp_path_factory) -> dict:
-    """The conversion toys (toy block, tiny torch model, tiny ONNX model), as ``kdtrain make-toy`` writes them."""
-    from kdtrain.export import make_conversion_toys
-
-    return make_conversion_toys(tmp_path_factory.mktemp("conversion_toys"))
