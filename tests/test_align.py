@@ -218,7 +218,9 @@ def test_same_tokenizer_aligns_every_position_and_keeps_the_rows(tokenizer, text
     got_ids, got_lps, mapped = align.topk_rows(student, 8)
     top = lp.topk(8, dim=-1)
     assert got_ids == top.indices.tolist() and got_lps == [[min(x, 0.0) for x in r] for r in top.values.tolist()]
-    assert mapped == pytest.approx(len(ids), rel=1e-5)
+    # Every row's whole mass maps. The float32 sum of 32,000 probabilities drifts from 1 by about
+    # 1e-5 (2.1e-5 seen), so 1e-4.
+    assert mapped == pytest.approx(len(ids), rel=1e-4)
 
     # Endpoint path: alternatives are pieces that are the only ones with their bytes (at the first
     # position, ones that start with a space, as the first token of a dummy-prefix tokenizer does).
