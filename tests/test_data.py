@@ -570,3 +570,18 @@ def test_a_huge_text_is_cut_before_it_is_tokenized_whole(tmp_path, tokenizer, mo
     assert sample.prompt_ids == [BOS] + enc(tokenizer, prompt)[-64:]
     short = write_jsonl(tmp_path / "short.jsonl", [{"prompt": "a", "teacher_text": "two words"}])
     assert load_dataset([short], tokenizer, V, max_len=64).samples[0].response_ids == enc(tokenizer, "two words") + [EOS]
+
+
+def test_records_are_decoded_one_at_a_time(tmp_path):
+    """annotate streams its input: the count needs no decoding, and the first record comes out
+    before a bad line further on is decoded (whose error still names its line)."""
+    from kdtrain.data import iter_jsonl
+
+    path = tmp_path / "lazy.jsonl"
+    path.write_text(json.dumps({"__header__": {}}) + "\n" + json.dumps({"prompt": "a"}) + "\n\n{oops\n")
+    records = iter_jsonl(path)
+    assert len(records) == 2
+    it = iter(records)
+    assert next(it) == (2, {"prompt": "a"})
+    with pytest.raises(DataError, match=r"line 4"):
+        next(it)

@@ -28,6 +28,7 @@ tokenizer and the teacher (content hashes), the teacher's tokenizer, k, the temp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import align
-from .data import DataError, _truncate, parse_record, read_jsonl
+from .data import DataError, _truncate, iter_jsonl, parse_record
 from .teacher import CrossTeacher, _has_tokenizer, load_teacher_model
 from .tokenizer import load_tokenizer
 
@@ -164,7 +165,7 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
                        ("cpu" if device == "auto" else device))
     tok = load_tokenizer(tokenizer_path)
     s_vocab = align.vocab_bytes(tok)
-    records = read_jsonl(input_path)
+    records = iter_jsonl(input_path)  # decoded one batch at a time: decoded log-probs take ~100x their text
     header = {"format": "kd-jsonl-v1", "input": _hash_files([input_path]), "tokenizer": tokenizer_hash(tokenizer_path),
               "temperature": temperature, "max_len": max_len}
     teacher = None
@@ -184,13 +185,12 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
     else:
         header.update(source="teacher_api_logprobs", k=k)
         done = _completed(output_path, header)
-    rep, todo = Report(len(records) - done), records[done:]
+    rep, todo = Report(len(records) - done), itertools.islice(records, done, None)
     K_seen: list = []  # (K, line) of the first endpoint record
     try:
         with open(output_path, "a", encoding="utf-8") as out, \
                 tqdm(total=len(records), initial=done, unit="rec", file=sys.stderr) as bar:
-            for s in range(0, len(todo), batch_size):
-                chunk = todo[s: s + batch_size]
+            while chunk := list(itertools.islice(todo, batch_size)):
                 if teacher is None:
                     lines = [_api_line(rec, tok, s_vocab, input_path, line_no, max_len, k, temperature, rep, K_seen)
                              for line_no, rec in chunk]

@@ -262,7 +262,14 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def read_jsonl(path: Path, digest=None) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line of a KD JSONL file, header skipped.
+    """(line number, record) for every non-blank line of a KD JSONL file, header skipped; see
+    ``iter_jsonl``."""
+    return list(iter_jsonl(path, digest))
+
+
+def iter_jsonl(path: Path, digest=None):
+    """(line number, record) for every non-blank line of a KD JSONL file, header skipped, each
+    record decoded only when it is reached (a file's records may take far more memory decoded).
 
     Lines end at "\\n", "\\r\\n" or a lone "\\r" (JSON strings hold neither raw), not at what
     str.splitlines() also breaks on, U+2028/U+2029/U+0085, which JSON allows raw inside strings
@@ -283,20 +290,42 @@ def read_jsonl(path: Path, digest=None) -> list[tuple[int, dict]]:
         before = LINE_BREAK.split(raw[: e.start].decode("utf-8", "replace"))
         raise DataError(f"invalid UTF-8 {_where(path, len(before))}: byte {raw[e.start]:#04x} at column "
                         f"{len(before[-1]) + 1}; save the file as UTF-8.") from None
-    out = []
-    for line_no, line in enumerate(LINE_BREAK.split(text), start=1):
-        if not line.strip():
-            continue
+    return JsonlRecords(path, LINE_BREAK.split(text))
+
+
+class JsonlRecords:
+    """A KD JSONL file's records, each decoded when the iteration reaches it; ``len`` counts them
+    without decoding (non-blank lines, less a header on line 1)."""
+
+    def __init__(self, path: Path, lines: list[str]):
+        self.path, self.lines = path, lines
+        self.n = sum(1 for line in lines if line.strip())
+        if lines and lines[0].strip() and self._decode(1, lines[0]) is HEADER:
+            self.n -= 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for line_no, line in enumerate(self.lines, start=1):
+            if line.strip():
+                rec = self._decode(line_no, line)
+                if rec is not HEADER:
+                    yield line_no, rec
+
+    def _decode(self, line_no: int, line: str):
+        """The record on a line (any JSON value: the caller checks it), or HEADER."""
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON {_where(path, line_no)}: {e.msg} at column {e.colno}.") from None
+            raise DataError(f"malformed JSON {_where(self.path, line_no)}: {e.msg} at column {e.colno}.") from None
         except RecursionError:
-            raise DataError(f"malformed record {_where(path, line_no)}: nested too deeply to be KD JSONL.") from None
-        if line_no == 1 and isinstance(rec, dict) and "__header__" in rec:
-            continue
-        out.append((line_no, rec))
-    return out
+            raise DataError(f"malformed record {_where(self.path, line_no)}: nested too deeply to be KD "
+                            "JSONL.") from None
+        return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
+
+
+HEADER = object()  # what JsonlRecords._decode returns for a header line
 
 
 def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int, max_len: int | None = None) -> Dataset:
