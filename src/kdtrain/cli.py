@@ -84,7 +84,8 @@ def cmd_info(a) -> int:
     parts = ", ".join(f"{k} {mem[k] / 2**30:.2f}" for k in ("state", "activations", "root", "loss"))
     print(f"memory per GPU   {mem['total'] / 2**30:.2f} GiB peak at world size {a.world_size}: building the model "
           f"{mem['build'] / 2**30:.2f}, end of forward {mem['forward_end'] / 2**30:.2f}, backward "
-          f"{mem['backward'] / 2**30:.2f} (of which {parts} GiB)")
+          f"{mem['backward'] / 2**30:.2f} (of which {parts} GiB)"
+          + (" with every layer checkpointed" if cfg.train.grad_checkpointing == "auto" else ""))
     if cfg.train.grad_checkpointing == "auto":  # the estimate above checkpoints every layer
         for name, gib in GPU_SIZES.items():
             plan = ", ".join(f"seq {S}: {checkpointed_layers(cfg, a.world_size, S, int(gib * 2**30))}"
