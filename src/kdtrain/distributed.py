@@ -330,9 +330,9 @@ class AsyncSaver:
     """The sharded checkpoint being written in the background, one at a time.
 
     ``start`` returns once the state's copy to host memory is done, or on CUDA queued on a side
-    stream (``HostStager``); ``wait_for_staging`` must then run before the weights or optimizer
-    state change (the trainer calls it before each optimizer step). A thread then writes the copy
-    with ``dcp.save`` over a gloo group of its own, hashes and publishes it. ``wait`` blocks until
+    stream (``HostStager``); ``stager.wait`` must then run before the weights or optimizer state
+    change (the trainer's ``wait_for_staging`` before each optimizer step). A thread then writes
+    the copy with ``dcp.save`` over a gloo group of its own, hashes and publishes it. ``wait`` blocks until
     the checkpoint is published and raises ``CheckpointError`` if writing it failed."""
 
     def __init__(self, device: torch.device):
@@ -351,7 +351,12 @@ class AsyncSaver:
 
     def prepare(self, state: dict) -> None:
         """Allocate (and pin) the host buffers in the background, long before the first save."""
-        self.allocating = self.pool.submit(lambda: (self._in_thread(), self.stager.allocate(state)))
+
+        def allocate():
+            self._in_thread()
+            self.stager.allocate(state)
+
+        self.allocating = self.pool.submit(allocate)
 
     def start(self, state: dict, tmp: Path, final: Path, rank: int, world: int, keep: int) -> None:
         import torch.distributed.checkpoint as dcp
@@ -369,11 +374,8 @@ class AsyncSaver:
 
         self.pending = (self.pool.submit(write), final)
 
-    def wait_for_staging(self) -> None:
-        self.stager.wait()
-
     def wait(self) -> None:
-        self.wait_for_staging()
+        self.stager.wait()
         if self.pending is None:
             return
         (future, final), self.pending = self.pending, None
@@ -403,7 +405,7 @@ def prepare_saves(trainer) -> None:
 
 def wait_for_staging(trainer) -> None:
     if trainer.saver is not None:
-        trainer.saver.wait_for_staging()
+        trainer.saver.stager.wait()
 
 
 def wait_for_save(trainer) -> None:
