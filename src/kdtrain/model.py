@@ -228,6 +228,15 @@ def flops_per_token(arch: ArchConfig, seq_len: int) -> float:
 
 LOSS_BYTES_PER_LOGIT = 16  # live bytes per chunk logit in the chunked loss: 15-17 measured eager bf16
 # (CPU, bf16 logits, their gradient and fp32 intermediates); 10 compiled on an H100 (bench/loss_memory.py).
+COMPILED_LOSS_BYTES_PER_LOGIT = 10
+# bf16 values a decoder layer keeps per token for its backward, in units of d_model, d_ff and
+# n_heads * d_head. Eager: the norms' fp32 inputs and outputs, q/k/v/o, the attention output and
+# its log-sum-exp, and four d_ff-wide tensors (gate, up, SiLU(gate), their product). Compiled,
+# inductor's partitioner keeps the matmul inputs and recomputes the elementwise SwiGLU and the
+# norms' scaling in the backward: two d_ff-wide tensors and one d_model-wide one fewer. The
+# compiled figure is the 9B worker's measured peak on two H100s (58.8 GiB, 11 of 32 layers
+# checkpointed, 8-bit state; tests/test_model.py), where the eager one predicts 66.6.
+LAYER_ACTIVATIONS = {False: (10, 4, 2), True: (9, 2, 2)}
 
 
 def memory_estimate(cfg: Config, world_size: int = 1, seq: int | None = None, checkpointed: int | None = None) -> dict:
@@ -244,7 +253,8 @@ def memory_estimate(cfg: Config, world_size: int = 1, seq: int | None = None, ch
     Resident during the step: the training state, fp32 weights and grads (8 B/param) and the two
     AdamW moments (8 B/param in fp32, 2.03 with ``optimizer.state_dtype: 8bit``, 1.06 with 4bit;
     ``optim.STATE_BYTES``), sharded over ``world_size`` (in CPU memory with ``train.cpu_offload``); the kept
-    activations (with checkpointing each layer's bf16 input, else every layer's working set);
+    activations (with checkpointing each layer's bf16 input, else every layer's working set,
+    smaller with ``train.compile``: ``LAYER_ACTIVATIONS``);
     sharded, also the root (embedding + head) gathered in the compute dtype (bf16, or fp32 with
     ``precision: fp32``) and the head's gradient, both held until the end of the backward. On
     one GPU with bf16/fp16 autocast, the cached low-precision copies of the weights (2 B/param)
@@ -268,13 +278,15 @@ def memory_estimate(cfg: Config, world_size: int = 1, seq: int | None = None, ch
     Vd = a.vocab_size * a.d_model
     c = 4 if t.precision == "fp32" else 2  # bytes of a gathered (compute-dtype) weight or gradient
     state = 0 if t.cpu_offload else (8 + STATE_BYTES[cfg.optimizer.state_dtype]) * n["total"] / world_size
-    per_layer_act = tokens * (10 * a.d_model + 4 * a.d_ff + 2 * a.n_heads * a.d_head) * 2
+    wd, wf, wh = LAYER_ACTIVATIONS[t.compile]
+    per_layer_act = tokens * (wd * a.d_model + wf * a.d_ff + wh * a.n_heads * a.d_head) * 2
     kept = k * tokens * a.d_model * 2 + (a.n_layers - k) * per_layer_act
     if sharded:
         root = c * 2 * Vd + c * Vd  # gathered embedding + head, the head's gradient
     else:
         root = 2 * n["matmul"] if t.precision != "fp32" else 0  # autocast's weight cache
-    loss = t.loss_chunk_size * a.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * a.d_model * 4
+    per_logit = COMPILED_LOSS_BYTES_PER_LOGIT if t.compile else LOSS_BYTES_PER_LOGIT
+    loss = t.loss_chunk_size * a.vocab_size * per_logit + tokens * a.d_model * 4
     recompute = per_layer_act if k else 0
     last_layer = c * n["per_layer"] if sharded else 0  # kept gathered for the backward
     layer_bwd = (2 * c + c + 4) * n["per_layer"] if sharded else 0
