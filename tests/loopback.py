@@ -37,21 +37,29 @@ class Faults:
     queued in ``script``: ``"429"`` (with ``Retry-After: retry_after``), ``"500"``, ``"timeout"`` (waits
     ``delay`` s, then answers normally), ``"malformed"`` (200 with a cut JSON body), ``"drop"`` (the
     connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header);
-    ``"ok"`` answers normally.
+    ``"ok"`` answers normally. ``peak`` is the most chat-completions requests it held at once.
     With ``key`` set, a request without ``Authorization: Bearer <key>`` gets 401."""
 
     def __init__(self, app, key: str | None = None, delay: float = 3.0, retry_after: int = 1):
         self.app, self.key, self.delay, self.retry_after = app, key, delay, retry_after
         self.script: deque[str] = deque()
-        self.count = 0
+        self.count = self.active = self.peak = 0
         self.times: list[float] = []
 
     def reset(self, *script: str) -> None:
-        self.script, self.count, self.times = deque(script), 0, []
+        self.script, self.count, self.times, self.peak = deque(script), 0, [], 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].endswith("/chat/completions"):
             return await self.app(scope, receive, send)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await self._chat(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _chat(self, scope, receive, send):
         self.count += 1
         self.times.append(time.monotonic())
         auth = dict(scope["headers"]).get(b"authorization", b"").decode()

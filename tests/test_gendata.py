@@ -363,6 +363,48 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_p
     assert {r["id"]: r["teacher_text"] for r in got} == {r["id"]: r["teacher_text"] for r in ref}
 
 
+def test_requests_spread_over_clients_keep_the_bound_and_are_retried(tmp_path, monkeypatch):
+    """--concurrency 20 runs on ceil(20 / CLIENT_REQUESTS) = 3 clients, each with its own connection pool.
+    The server (500 ms per answer) holds exactly 20 requests in the first wave and never more; each client
+    holds at most its share of the slots (7, 7, 6), also while the 429 / 500 answers of the second wave are
+    retried on it."""
+    from kdtrain import gendata
+
+    assert gendata.CLIENT_REQUESTS == 8
+    made = []
+
+    class Counted:
+        def __init__(self, client):
+            self.client, self.now, self.peak, self.sent = client, 0, 0, 0
+
+        async def post(self, *args, **kwargs):
+            self.now, self.sent = self.now + 1, self.sent + 1
+            self.peak = max(self.peak, self.now)
+            try:
+                return await self.client.post(*args, **kwargs)
+            finally:
+                self.now -= 1
+
+        async def close(self):
+            await self.client.close()
+
+    real = gendata.make_clients
+    monkeypatch.setattr(gendata, "make_clients", lambda cfg, key: made.extend(map(Counted, real(cfg, key))) or made)
+    prompts = _prompts(tmp_path / "p.jsonl", 60)
+    faults = Faults(fake_chat_app(delay=0.5), key=KEY)
+    faults.reset(*["ok"] * 20, "429", "500", "500")
+    with serve(faults) as url:
+        assert main(_gen(url, [prompts], tmp_path / "o.jsonl", 60, "--model", "m", "--concurrency", 20)) == 0
+    recs = _records(tmp_path / "o.jsonl")
+    assert len(recs) == 60 and len({r["id"] for r in recs}) == 60
+    assert len(made) == 3 and len({id(c.client._client) for c in made}) == 3  # three pools
+    assert sorted(c.peak for c in made) == [6, 7, 7]
+    assert faults.peak == 20
+    summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
+    assert (summary["retries"], summary["requests"]) == (3, 63)
+    assert sum(c.sent for c in made) == faults.count == 63
+
+
 def test_rerun_cuts_a_torn_line_and_refuses_another_commands_file(fake_server, tmp_path, capsys):
     url, faults = fake_server
     faults.reset()

@@ -37,6 +37,9 @@ jitter, or the server's ``Retry-After``) up to ``--max-retries`` times; a reques
 fails, another 4xx or a malformed body goes to ``OUT.errors.jsonl`` and the run goes on. A 401,
 403 or 404 (bad key, wrong model or URL) stops the run at once; so does a window of recent
 requests that mostly failed. A run that stops before its first record leaves nothing behind.
+
+Clients. Requests go through the official ``openai`` async client's generic POST, spread over one
+client (with its own connection pool) per ``CLIENT_REQUESTS`` requests in flight; see ``make_clients``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ TEMPLATE_TOKENS = 16  # prompt-bound allowance per message (and one more for the
 FLUSH_EVERY, FLUSH_SECONDS = 32, 1.0
 WINDOW, WINDOW_MIN_FAILS = 10, 5  # stop when >= 5 of the last 10 requests failed for good, most of them
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+CLIENT_REQUESTS = 8  # requests in flight per client (see make_clients)
 
 
 @dataclass
@@ -398,6 +402,33 @@ def _check_body(body) -> str | None:
     return None
 
 
+def make_clients(cfg: GenConfig, key: str | None) -> list:
+    """``ceil(concurrency / CLIENT_REQUESTS)`` official async clients, each with its own connection pool.
+
+    The connection pool of the client's HTTP stack checks every one of its connections (expiry, a
+    readability poll) when a request starts and when one ends, so a single client serving 128 requests
+    does O(128) work per request; a client per ``CLIENT_REQUESTS`` keeps that work constant. Run.run
+    gives each request one of the clients' slots, so no pool ever holds more than its share. The clients
+    share one TLS context, made the way the HTTP stack makes its default one: each would otherwise load
+    the CA bundle, tens of ms of CPU per client.
+    """
+    import openai
+
+    make_tls = getattr(_http_module(), "create_ssl_context", None)
+    verify = make_tls() if make_tls else True
+    n = -(-cfg.concurrency // CLIENT_REQUESTS)
+    # Local servers need no key, but the client insists on one.
+    return [openai.AsyncOpenAI(api_key=key or "unset", base_url=cfg.endpoint, max_retries=0, timeout=cfg.timeout,
+                               http_client=openai.DefaultAsyncHttpxClient(verify=verify)) for _ in range(n)]
+
+
+def _http_module():
+    """The httpx package the installed openai client is built on (``httpx2`` from openai 3, ``httpx`` before)."""
+    import openai
+
+    return sys.modules[openai.DefaultAsyncHttpxClient.__mro__[1].__module__.partition(".")[0]]
+
+
 async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, stats: Stats, redact):
     """(body, latency) or (None, reason) after retries; raises Fatal for failures every request would repeat."""
     import openai
@@ -540,10 +571,13 @@ class Run:
                         f"check --endpoint {self.cfg.endpoint} and --model {self.cfg.model}. Details in "
                         f"{self.errors_path}.")
 
-    async def run(self, client, bar, redact) -> None:
+    async def run(self, clients: list, bar, redact) -> None:
         cfg, stats = self.cfg, self.stats
         pending = deque(self.jobs)
-        in_flight: dict[asyncio.Task, tuple[Prompt, int, str, float]] = {}
+        # One slot per request in flight, spread over the clients; a request holds its slot through its
+        # retries and gives it back when it ends, so no client ever has more than its share in flight.
+        free = deque(clients[i % len(clients)] for i in range(cfg.concurrency))
+        in_flight: dict[asyncio.Task, tuple[Prompt, int, str, float, object]] = {}
         finished: asyncio.Queue = asyncio.Queue()  # tasks land here as they end: O(1) per request
         reserved, shown = 0.0, 0.0
         try:
@@ -566,17 +600,19 @@ class Run:
                         break
                     pending.popleft()
                     reserved += worst
+                    client = free.popleft()
                     task = asyncio.create_task(_request(client, cfg, p.messages, sampling_params(cfg, j), stats,
                                                         redact))
                     task.add_done_callback(finished.put_nowait)
-                    in_flight[task] = (p, j, key, worst)
+                    in_flight[task] = (p, j, key, worst, client)
                 if not in_flight:
                     break
                 done = [await finished.get()]
                 while not finished.empty():
                     done.append(finished.get_nowait())
                 for task in done:
-                    p, j, key, worst = in_flight.pop(task)
+                    p, j, key, worst, client = in_flight.pop(task)
+                    free.append(client)
                     reserved -= worst
                     body, info = task.result()
                     if body is None:
@@ -688,16 +724,15 @@ def gen_data(cfg: GenConfig) -> dict:
         return text.replace(key, "***") if key else text
 
     async def main():
-        import openai
         from tqdm import tqdm
 
-        # Local servers need no key, but the client insists on one.
-        client = openai.AsyncOpenAI(api_key=key or "unset", base_url=cfg.endpoint, max_retries=0, timeout=cfg.timeout)
+        clients = make_clients(cfg, key)
         with tqdm(total=cfg.total, initial=run.already, unit="rec", desc="gen-data", mininterval=0.5) as bar:
             try:
-                await run.run(client, bar, redact)
+                await run.run(clients, bar, redact)
             finally:
-                await client.close()
+                for client in clients:
+                    await client.close()
 
     try:
         asyncio.run(main())
