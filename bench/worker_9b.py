@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import PEAK, synthetic_dataset  # noqa: E402
+from throughput import PEAK, print_gpu_gaps, synthetic_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "worker_9b.yaml"
@@ -118,6 +118,8 @@ def worker(a) -> None:
         say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU (kdtrain info "
             f"{predicted:.1f}; {k}/{cfg.arch.n_layers} layers checkpointed)  step {dt:.2f} s (warm-up {warm:.1f} s)  "
             f"loss {rows[-1]['total']:.4f}", flush=True)
+        if a.profile and seq == a.seqs[0]:
+            profile_step(lambda: step(seq), rank, cuda)
     for i in range(a.checkpoint):
         # Lost training time: save() itself plus what the next step took over the median step
         # (the background copy to host memory it may wait for). The first save also allocates the
@@ -147,6 +149,20 @@ def worker(a) -> None:
     trainer.dist.close()
 
 
+def profile_step(run, rank: int, cuda: bool) -> None:
+    """One more step under the profiler on every rank; rank 0 prints its top CUDA kernels and
+    where its GPU sat idle (``throughput.print_gpu_gaps``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=rank == 0) as prof:
+        dt, _ = run()
+    if rank == 0:
+        print(f"profiled step: {dt:.2f} s (profiler overhead included)")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80))
+        if cuda:
+            print_gpu_gaps(prof)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", type=int, default=2)
@@ -161,6 +177,7 @@ def main() -> None:
     p.add_argument("--resume-gpus", type=int, nargs="*", default=[], help="resume that checkpoint on these counts")
     p.add_argument("--compare-gpus", type=int, nargs="*", default=[],
                    help="also run the first length on these GPU counts: scaling of total tokens/s")
+    p.add_argument("--profile", action="store_true", help="profile one more step at the first length (rank 0 prints)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per launch")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -193,7 +210,8 @@ def main() -> None:
             return False
 
     print(f"disk free under {out}: {shutil.disk_usage(out).free / 1e9:.0f} GB", flush=True)
-    if not launch(a.gpus, *(["--checkpoint", str(max(a.checkpoint, 1))] if a.checkpoint or a.resume_gpus else [])):
+    if not launch(a.gpus, *(["--checkpoint", str(max(a.checkpoint, 1))] if a.checkpoint or a.resume_gpus else []),
+                  *(["--profile"] if a.profile else [])):
         sys.exit(1)
     main_run = json.loads((out / f"results_{a.gpus}.json").read_text())["runs"]
     for n in a.resume_gpus:

@@ -33,7 +33,7 @@ def _groups():
 def test_state_dtype_picks_the_optimizer_and_keeps_the_hyperparameters(dtype, cls):
     o = OptimizerConfig(betas=[0.8, 0.9], eps=1e-6, state_dtype=dtype)
     opt = build_optimizer(_groups(), o, lr=0.25)
-    assert type(opt) is cls
+    assert isinstance(opt, cls)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert tuple(opt.param_groups[0]["betas"]) == (0.8, 0.9) and opt.param_groups[0]["eps"] == 1e-6
     assert current_lr(opt) == 0.25
@@ -123,6 +123,85 @@ def test_low_bit_state_resumes_bit_exact(toy, tmp_path, eager_torchao):
     trainer, second = _run(toy, tmp_path, "split", 4, *args, resume=True)
     assert first + second == straight
     assert any(type(s["exp_avg"]) is not torch.Tensor for s in trainer.optimizer.state.values())
+
+
+def test_local_shard_step_is_torchaos_step(eager_torchao):
+    """On plain tensors the local-shard step is torchao's own, bit for bit, weights and state."""
+    from kdtrain.optim import local_shard_step
+
+    for cls in (torchao_optim.AdamW8bit, torchao_optim.AdamW4bit):
+        ours_groups, theirs_groups = _groups(), _groups()
+        ours = local_shard_step(cls)(ours_groups, lr=1e-2, weight_decay=0.1)
+        theirs = cls(theirs_groups, lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            torch.manual_seed(step)
+            grads = [torch.randn_like(g["params"][0]) for g in ours_groups]
+            for g, h, grad in zip(ours_groups, theirs_groups, grads):
+                g["params"][0].grad, h["params"][0].grad = grad.clone(), grad.clone()
+            ours.step()
+            theirs.step()
+        for g, h in zip(ours_groups, theirs_groups):
+            assert torch.equal(g["params"][0], h["params"][0])
+            a, b = ours.state[g["params"][0]], theirs.state[h["params"][0]]
+            assert torch.equal(a["exp_avg"].dequantize() if hasattr(a["exp_avg"], "dequantize") else a["exp_avg"],
+                               b["exp_avg"].dequantize() if hasattr(b["exp_avg"], "dequantize") else b["exp_avg"])
+
+
+LOCAL_SHARD_STEP = """
+import torch, torch.distributed as dist
+torch.compile = lambda fn=None, **kwargs: fn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torchao.optim import AdamW8bit
+from kdtrain.optim import local_shard_step
+
+dist.init_process_group("gloo")
+mesh, rank = init_device_mesh("cpu", (2,)), dist.get_rank()
+models = []
+for cls in (AdamW8bit, local_shard_step(AdamW8bit)):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 64))
+    fully_shard(model, mesh=mesh)
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        for p in model.parameters():
+            local = torch.randn(p.to_local().shape, generator=gen)
+            p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
+        opt.step()
+    models.append((model, opt))
+(a, oa), (b, ob) = models
+quantised = 0
+for p, q in zip(a.parameters(), b.parameters()):
+    assert isinstance(q, DTensor) and torch.equal(p.to_local(), q.to_local())
+    sa, sb = oa.state[p]["exp_avg_sq"], ob.state[q]["exp_avg_sq"]
+    assert isinstance(sb, DTensor) and sb.placements == q.placements
+    la, lb = sa.to_local(), sb.to_local()
+    quantised += type(lb) is not torch.Tensor
+    assert torch.equal(la.dequantize() if hasattr(la, "dequantize") else la, lb.dequantize() if hasattr(lb, "dequantize") else lb)
+assert quantised == 2, quantised  # the two weights' shards are quantised, the biases' are not
+print("EQUAL", rank)
+"""
+
+
+@pytest.mark.skipif(not __import__("kdtrain.distributed").distributed.cpu_fsdp_supported(),
+                    reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
+def test_local_shard_step_equals_torchaos_step_on_fsdp2_shards(tmp_path):
+    """On two processes' FSDP2 shards, the step on local tensors gives torchao's DTensor step's
+    weights and moments exactly, and the moments stay DTensors with the parameters' placements."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "local_shard_step.py"
+    script.write_text(LOCAL_SHARD_STEP)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("EQUAL") == 2
 
 
 EAGER_KDTRAIN = """

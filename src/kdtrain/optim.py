@@ -14,7 +14,8 @@ Low-bit state is what fits the 9B worker on 2 x 80 GB without CPU offload: 16 B/
 training state becomes 10.03 (8-bit) or 9.06 (4-bit). torchao quantises a tensor only when its
 local shard has at least 4,096 values and a multiple of the block size; the others (norms, odd
 shards) keep fp32 moments. Its step is ``torch.compile``d once per parameter shape, and its
-learning rate is a tensor: set it with ``set_lr``.
+learning rate is a tensor: set it with ``set_lr``. Under FSDP2 the step runs on each rank's
+local shards (``local_shard_step``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,58 @@ def build_optimizer(groups: list[dict], o: OptimizerConfig, lr: float) -> torch.
                           "or set optimizer.state_dtype=fp32.") from None
     # The checkpoint holds these quantised-state tensors; allow exactly them in weights-only loads.
     torch.serialization.add_safe_globals([OptimState8bit, OptimState4bit])
-    cls = AdamW8bit if o.state_dtype == "8bit" else AdamW4bit
-    return cls(groups, **kwargs)
+    return local_shard_step(AdamW8bit if o.state_dtype == "8bit" else AdamW4bit)(groups, **kwargs)
+
+
+def local_shard_step(cls: type) -> type:
+    """``cls`` (a torchao low-bit AdamW) with its step run on each parameter's local shard.
+
+    torchao calls its compiled per-parameter update with the tensors it is given; with FSDP2's
+    DTensors (the moments are DTensors around torchao's quantised subclass) each call pays
+    dynamo's guards and DTensor's dispatch over the nested subclasses: about 2.5 ms of CPU per
+    parameter, 0.7 s per step of the 9B worker on two H200s, with the GPUs idle (profiled with
+    ``bench/worker_9b.py --profile``). The update is elementwise, and a parameter, its gradient and
+    both moments share one placement (FSDP2's ``Shard(0)``), so each rank updates its own shards
+    in place: the same arithmetic on the same values, called with plain tensors. The state, and so
+    the checkpoints, stay DTensors.
+    """
+    from torch.distributed.tensor import DTensor
+    from torchao.optim.adam import single_param_adam
+
+    def local(t):
+        return t._local_tensor if isinstance(t, DTensor) else t
+
+    class LocalShardStep(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:
+                raise ValueError("the low-bit AdamW step takes no closure")
+            update = self.__dict__.setdefault("_update", torch.compile(single_param_adam, fullgraph=True,
+                                                                        dynamic=False))
+            with torch._dynamo.utils.disable_cache_limit():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        state = self.state[p]
+                        if not state:  # torchao's own initial state
+                            if isinstance(p, DTensor) and p.grad.placements != p.placements:
+                                raise RuntimeError(f"gradient placement {p.grad.placements} differs from the "
+                                                   f"parameter's {p.placements}")
+                            state["step"] = torch.tensor(0.0)
+                            state["exp_avg"] = self._new_buffer(p, True)
+                            state["exp_avg_sq"] = self._new_buffer(p, False)
+                            if group["amsgrad"]:
+                                state["max_exp_avg_sq"] = self._new_buffer(p, False)
+                        state["step"] += 1
+                        amsgrad = state.get("max_exp_avg_sq")
+                        update(local(p.detach()), local(p.grad), state["step"], local(state["exp_avg"]),
+                               local(state["exp_avg_sq"]), None if amsgrad is None else local(amsgrad), group["lr"],
+                               group["betas"][0], group["betas"][1], group["weight_decay"], group["eps"],
+                               self.is_adamw, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+
+    LocalShardStep.__name__ = LocalShardStep.__qualname__ = cls.__name__
+    return LocalShardStep
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
