@@ -3,8 +3,11 @@ same-tokenizer property: every position aligned, rows equal to the plain top-k."
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,11 +16,23 @@ from hypothesis import strategies as st
 from kdtrain import align
 
 
+def _entries(pieces, alts):
+    """An endpoint's teacher_api_logprobs: tokens ``pieces`` with alternatives [(bytes, logprob)] each."""
+    tok = lambda b: b.decode("utf-8", "replace")
+    return [{"token": tok(p), "bytes": list(p), "logprob": row[0][1],
+             "top_logprobs": [{"token": tok(b), "bytes": list(b), "logprob": v} for b, v in row]}
+            for p, row in zip(pieces, alts)]
+
+
 def _api(pieces, alts, text, student, vocab, k):
-    """align_api on alternatives written as [(bytes, logprob)] per token."""
-    lp = torch.tensor([[v for _, v in row] for row in alts], dtype=torch.float64)
-    tops = [[{"bytes": list(b), "logprob": v} for b, v in row] for row in alts]
-    return align.align_api(pieces, tops, lp, text, student, vocab, k)
+    """align_api on alternatives written as [(bytes, logprob)] per token, through both stored forms
+    (the endpoint's list, and packed and written as JSON): the same rows."""
+    entries = _entries(pieces, alts)
+    rows = align.align_api(align.parse_api_logprobs(entries), text, student, vocab, k)
+    packed = json.loads(json.dumps(align.pack_api_logprobs(entries)))
+    assert align.align_api(align.parse_api_logprobs(packed), text, student, vocab, k) == rows
+    return rows
+
 
 pytestmark = pytest.mark.smoke
 
@@ -92,23 +107,103 @@ def test_parsed_logprobs_keep_every_value_bit_for_bit():
     rows = [[math.log(0.5), math.log(0.25)], [-2, -800.0], [-0.1234567890123, -2.5]]  # an int, an underflow
     entries = [{"bytes": [97 + j], "logprob": row[0], "top_logprobs": [{"bytes": [97], "logprob": v} for v in row]}
                for j, row in enumerate(rows)]
-    pieces, tops, lp = align.parse_api_logprobs(entries)
-    assert pieces == [b"a", b"b", b"c"] and tops[1] is entries[1]["top_logprobs"]
-    assert lp.dtype == torch.float64 and lp.tolist() == rows
+    api = align.parse_api_logprobs(entries)
+    assert [api.vocab[i] for i in api.token] == [[None, [97]], [None, [98]], [None, [99]]]  # no token strings
+    assert api.lp.dtype == np.float64 and api.lp.tolist() == rows
+    packed = json.loads(json.dumps(align.pack_api_logprobs(entries)))
+    assert align.parse_api_logprobs(packed).lp.tolist() == rows
+
+
+PARTIAL = [{"token": "\\xf0\\x9f", "bytes": [240, 159], "logprob": -0.5,  # OpenAI's rendering of part of 😀
+            "top_logprobs": [{"token": "\\xf0\\x9f", "bytes": [240, 159], "logprob": -0.5},
+                             {"token": "\ufffd", "bytes": [240], "logprob": -1.5},  # others render "�"
+                             {"token": "\ufffd", "bytes": [159], "logprob": -2.0}]},
+           {"token": "\ufffd", "bytes": [152, 128], "logprob": -0.25,
+            "top_logprobs": [{"token": "\ufffd", "bytes": [152, 128], "logprob": -0.25},
+                             {"token": " the", "bytes": [32, 116, 104, 101], "logprob": -3},
+                             {"token": "<|end|>", "bytes": [], "logprob": -9999.0}]},
+           {"token": " the", "bytes": [32, 116, 104, 101], "logprob": -1e-07,
+            "top_logprobs": [{"token": " the", "bytes": [32, 116, 104, 101], "logprob": -1e-07},
+                             {"token": "\u00e9", "bytes": [195, 169], "logprob": -17.25},
+                             {"token": "\ud800", "bytes": [63], "logprob": -20.0}]}]  # a lone surrogate
+
+
+def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list():
+    """Each distinct (token, bytes) once in 'vocab' (the string alone where its UTF-8 is the bytes),
+    indices as little-endian uint32 and log-probs as little-endian float64, in hex; read back with
+    struct, not with the module's own decoding."""
+    packed = align.pack_api_logprobs(PARTIAL)
+    assert packed["k"] == 3
+    assert packed["vocab"] == [["\\xf0\\x9f", [240, 159]], ["\ufffd", [240]], ["\ufffd", [159]],
+                               ["\ufffd", [152, 128]], " the", ["<|end|>", []], "\u00e9", ["\ud800", [63]]]
+    hexed = lambda name, fmt: list(struct.unpack(f"<{len(packed[name]) // (2 * struct.calcsize(fmt))}{fmt}",
+                                                 bytes.fromhex(packed[name])))
+    assert hexed("token", "I") == [0, 3, 4]
+    assert hexed("top_token", "I") == [0, 1, 2, 3, 4, 5, 4, 6, 7]
+    assert hexed("logprob", "d") == [-0.5, -0.25, -1e-07]
+    assert hexed("top_logprob", "d") == [-0.5, -1.5, -2.0, -0.25, -3.0, -9999.0, -1e-07, -17.25, -20.0]
+    again = json.loads(json.dumps(packed))
+    assert align.unpack_api_logprobs(again) == PARTIAL  # -3 comes back as -3.0, equal
+    assert align.pack_api_logprobs(align.unpack_api_logprobs(again)) == packed
+
+
+@pytest.mark.parametrize("edit, expect, position", [
+    (lambda p: p.update(k=0), r"packed field 'k' must be the number of alternatives", None),
+    (lambda p: p.update(k=True), r"packed field 'k'", None),
+    (lambda p: p.update(vocab={}), r"packed field 'vocab' must be a non-empty list", None),
+    (lambda p: p.update(top_logprob="zz"), r"packed field 'top_logprob' must be a string of hex digits", None),
+    (lambda p: p.update(token=None), r"packed field 'token' must be a string of hex digits", None),
+    (lambda p: p.update(logprob=p["logprob"][:-2]), r"'logprob' holds 23 bytes, not a whole number of 8-byte", None),
+    (lambda p: p.update(top_token=p["top_token"][:-8]), r"hold 8 and 9 values for 3 tokens of k = 3: K .* must not vary",
+     None),
+    (lambda p: _set_column(p, "token", 1, 8), r"token 1 refers to a token beyond the 8 of 'vocab'", 1),
+    (lambda p: _set_column(p, "top_token", 7, 99), r"token 2 refers to a token beyond", 2),
+    (lambda p: _set_column(p, "top_logprob", 3, 0.5), r"token 1 has positive 'top_logprobs\[\]\.logprob' 0.5", 1),
+    (lambda p: _set_column(p, "logprob", 2, math.nan), r"token 2 has 'logprob' nan, not a finite number", 2),
+    (lambda p: _set_column(p, "top_logprob", 1, -math.inf), r"token 0 has 'top_logprobs\[\]\.logprob' -inf", 0),
+    (lambda p: _set_column(p, "top_logprob", 0, -0.01), r"token 0's top_logprobs sum above probability 1", 0),
+    (lambda p: p["vocab"].__setitem__(5, ["<|end|>", "no bytes"]), r"token 1 has a token that is neither", 1),
+    (lambda p: p["vocab"].__setitem__(4, 7), r"token 1 has a token that is neither a string nor", 1),
+])
+def test_packed_form_errors_name_the_token(edit, expect, position):
+    packed = align.pack_api_logprobs(PARTIAL)
+    edit(packed)
+    with pytest.raises(align.AlignError, match=expect) as e:
+        align.parse_api_logprobs(json.loads(json.dumps(packed)))
+    assert e.value.position == position
+
+
+def _set_column(packed: dict, name: str, i: int, value) -> None:
+    dtype = "<u4" if name.endswith("token") else "<f8"
+    column = np.frombuffer(bytes.fromhex(packed[name]), dtype).copy()
+    column[i] = value
+    packed[name] = column.tobytes().hex()
+
+
+def test_a_token_string_that_is_no_text_is_named_where_it_is_used(tokenizer):
+    """A packed lone surrogate (written by hand: pack keeps one with its bytes), as the chosen token
+    and as an alternative."""
+    vocab = align.vocab_bytes(tokenizer)
+    student = tokenizer.encode(" the", add_special_tokens=False)
+    for i in (0, 1):
+        packed = align.pack_api_logprobs(PARTIAL[2:])
+        packed["vocab"][i] = "\ud800"
+        with pytest.raises(align.AlignError, match=r"token 0 has a token string that is not text") as e:
+            align.align_api(align.parse_api_logprobs(packed), " the", student, vocab, 3)
+        assert e.value.position == 0
 
 
 @pytest.mark.parametrize("bad, expect", [("ab", r"token 1 has no 'top_logprobs\[\].bytes'"),
                                          ([300], r"token 1 has 'top_logprobs\[\].bytes' that are not byte values"),
                                          (None, r"token 1 has no 'top_logprobs\[\].bytes'")])
-def test_bad_alternative_bytes_at_an_aligned_position_name_the_token(tokenizer, bad, expect):
-    v = align.vocab_bytes(tokenizer)
-    alts = [[(b"a", -1.0), (b"b", -2.0)], [(b" b", -1.0), (b"c", -2.0)]]
-    tops = [[{"bytes": list(b), "logprob": x} for b, x in row] for row in alts]
-    tops[1][1]["bytes"] = bad
-    lp = torch.tensor([[x for _, x in row] for row in alts], dtype=torch.float64)
-    with pytest.raises(align.AlignError, match=expect) as e:
-        align.align_api([b"a", b" b"], tops, lp, "a b", tokenizer.encode("a b", add_special_tokens=False), v, 2)
-    assert e.value.position == 1
+def test_bad_alternative_bytes_name_the_token(bad, expect):
+    entries = _entries([b"a", b" b", b"c"], [[(b"a", -1.0), (b"b", -2.0)], [(b" b", -1.0), (b"c", -2.0)],
+                                             [(b"c", -1.0), (b"d", -2.0)]])
+    entries[1]["top_logprobs"][1]["bytes"] = bad
+    for read in (align.parse_api_logprobs, align.pack_api_logprobs):
+        with pytest.raises(align.AlignError, match=expect) as e:
+            read(entries)
+        assert e.value.position == 1
 
 
 def test_sentencepiece_byte_view(tokenizer):
@@ -150,7 +245,7 @@ def test_endpoint_rows_by_hand(tokenizer):
             [(b"12", -0.6), (b"1", -1.4), (b"2", -2.5)]]
     rows = _api(pieces, alts, text, student, align.vocab_bytes(tokenizer), k=3)
     V = 32000
-    fill = lambda lps, m: math.log((1 - sum(math.exp(v) for v in lps)) / (V - m))  # noqa: E731
+    fill = lambda lps, m: math.log((1 - sum(math.exp(v) for v in lps)) / (V - m))
     assert rows.ids[0] == ids(["▁Hi", "▁Hello", "▁H"]) and rows.logprobs[0] == [-0.2, -2.5, -3.0]
     assert rows.ids[1] == ids(["▁", "<0x09>"]) + [V - 3]  # free slot s takes id V - 1 - s
     assert rows.logprobs[1][:2] == [-0.2, -4.0] and rows.logprobs[1][2] == pytest.approx(fill([-0.2, -4.0], 2))
@@ -241,15 +336,20 @@ def test_same_tokenizer_aligns_every_position_and_keeps_the_rows(tokenizer, text
         assert list(zip(rows.ids[j], rows.logprobs[j]))[: len(row)] == listed
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 6), k=st.integers(1, 6))
-def test_vectorised_rows_equal_the_row_by_row_definition(seed, K, k):
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 6), k=st.integers(1, 6), listed=st.booleans())
+def test_vectorised_rows_equal_the_row_by_row_definition(seed, K, k, listed):
     """build_rows against fill_row applied to each row's mapped alternatives sorted by probability
-    (duplicates merged in probability); small V so that mapped ids often sit where fills go."""
+    (duplicates merged in probability); small V so that mapped ids often sit where fills go.
+    ``listed``: the alternatives most likely first, as an endpoint lists them (with ties)."""
     V = 12
     g = torch.Generator().manual_seed(seed)
     sid = torch.randint(-1, V, (20, K), generator=g)
     lp = torch.log_softmax(torch.randn(20, K + 1, generator=g, dtype=torch.float64), -1)[:, :K]
+    if listed:
+        lp = lp.sort(-1, descending=True).values
+        lp[::3, -1] = lp[::3, 0]  # a tie...
+        lp[::3] = lp[::3].sort(-1, descending=True).values  # ...kept in order
     got_ids, got_lps = align.build_rows(sid, lp, k, V)
     for r in range(20):
         merged: dict[int, float] = {}
@@ -259,3 +359,30 @@ def test_vectorised_rows_equal_the_row_by_row_definition(seed, K, k):
         want_ids, want_lps = align.fill_row(list(merged), [math.log(p) for p in merged.values()], k, V)
         assert got_ids[r] == want_ids
         assert got_lps[r] == pytest.approx(want_lps, abs=1e-12)
+
+
+ENCODER_TEXT = st.lists(st.one_of(st.sampled_from(["\n", " ", "  ", "\t", "\u2581", "</s>", "<s>", "<unk>", "a", "é",
+                                                   "😀", "def f(x):\n    return x\n", "\r\n", "12"]),
+                                  st.characters(blacklist_categories=("Cs",))), max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ENCODER_TEXT)
+def test_line_encoder_gives_the_tokenizers_ids(tokenizer, text):
+    """The student's SentencePiece BPE encoded line by line: the same ids as the tokenizer, on texts of
+    newlines, runs of spaces, leading spaces and newlines, "▁" itself and the special tokens' strings."""
+    encode = align.vocab_bytes(tokenizer).encode
+    assert encode is not None
+    assert encode(text) == tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "\n\nHello", " Hello\n world", "a\n\n\n  b  \n", "x</s>\ny",
+                                  "```python\nfor i in range(3):\n\tprint(i)\n```\n", "▁a\n▁b"])
+def test_line_encoder_on_chosen_texts(tokenizer, text):
+    assert align.vocab_bytes(tokenizer).encode(text) == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_line_encoder_only_for_sentencepiece_style_bpe(toy_pair):
+    from kdtrain.tokenizer import load_tokenizer
+
+    assert align.line_encoder(load_tokenizer(toy_pair["tokenizer"])) is None  # byte-level BPE: encoded whole

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 
 import pytest
 import torch
 
+from kdtrain import align
 from kdtrain.annotate import annotate
 from kdtrain.data import DataError, collate, load_dataset
 
@@ -260,6 +262,55 @@ def _mutate(records: list[dict], what: str) -> list[dict]:
 ])
 def test_bad_endpoint_logprobs_name_file_line_and_position(toy, api_input, tmp_path, what, line, expect):
     records = _mutate([json.loads(x) for x in api_input.read_text().splitlines()], what)
+    bad = tmp_path / "api.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=expect):
+        annotate(bad, tmp_path / "out.jsonl", tokenizer_path=toy["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def api_packed(api_input, tmp_path_factory):
+    """The records of ``api_input`` with their log-probs packed, as gen-data writes them."""
+    path = tmp_path_factory.mktemp("packed") / "api.jsonl"
+    recs = [json.loads(line) for line in api_input.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "teacher_api_logprobs": align.pack_api_logprobs(r["teacher_api_logprobs"])})
+                            + "\n" for r in recs))
+    return path
+
+
+def test_packed_and_endpoint_forms_give_the_same_rows(toy, api_input, api_packed, tmp_path):
+    rows, reports = [], []
+    for name, path in (("list", api_input), ("packed", api_packed)):
+        out = tmp_path / f"{name}.jsonl"
+        reports.append(annotate(path, out, tokenizer_path=toy["tokenizer"]))
+        rows.append([(r["response_ids"], r["teacher_topk"]) for r in _records(out)])
+    assert len(rows[0]) == 10 and rows[0] == rows[1]
+    assert reports[0] == reports[1] and reports[0].aligned > 0
+    assert api_packed.stat().st_size < api_input.stat().st_size / 2
+
+
+def _mutate_packed(records: list[dict], what: str) -> list[dict]:
+    packed = records[0]["teacher_api_logprobs"]
+    if what == "positive":
+        column = bytearray(bytes.fromhex(packed["top_logprob"]))
+        column[4 * 8: 5 * 8] = struct.pack("<d", 0.5)  # token 1's first alternative (K = 4)
+        packed["top_logprob"] = column.hex()
+    elif what == "not hex":
+        packed["token"] = packed["token"].upper() + "g"
+    elif what == "K varies across records":
+        second = {**records[1], "teacher_api_logprobs": align.unpack_api_logprobs(records[1]["teacher_api_logprobs"])}
+        _mutate([records[0], second], what)
+        records[1]["teacher_api_logprobs"] = align.pack_api_logprobs(second["teacher_api_logprobs"])
+    return records
+
+
+@pytest.mark.parametrize("what, expect", [
+    ("positive", r"token 1 has positive 'top_logprobs\[\].logprob' 0.5.* line 1, teacher_api_logprobs position 1\)"),
+    ("not hex", r"packed field 'token' must be a string of hex digits \(file .*api.jsonl, line 1\)"),
+    ("K varies across records", r"has 3 top_logprobs per token \(file .*api.jsonl, line 2\) but 4 at line 1"),
+])
+def test_bad_packed_logprobs_name_file_line_and_position(toy, api_packed, tmp_path, what, expect):
+    records = _mutate_packed([json.loads(x) for x in api_packed.read_text().splitlines()], what)
     bad = tmp_path / "api.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match=expect):

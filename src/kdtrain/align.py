@@ -22,8 +22,18 @@ over the unlisted vocabulary: the uniform-tail assumption the loss makes when it
 tail, so a filled row describes nearly the same coarse distribution (the fills move a sliver of
 the tail, ``(k - m) / (V - m)`` of it, into listed slots).
 
-Pure functions: no file or model access; callers (``annotate``, ``teacher``) name the file and
-line in their errors.
+An endpoint's log-probs are stored packed (``pack_api_logprobs``): per record a table of the
+distinct tokens and four columns of numbers, each a hex string of little-endian values. Python's
+``json`` takes about 600 ns to read one 17-digit float and 80 ns for an int (measured on the test
+machine), so the endpoint's own form, an object per alternative, costs some 65 ms to decode for
+1,000 tokens at K = 20, longer than aligning them; a hex string decodes at about 1 ns per
+character and ``bytes.fromhex`` is the fastest of the text codecs at hand (3x base64). Float64
+keeps every log-probability bit for bit. The token table holds each distinct (token, bytes) once,
+and its lookup in the student's vocabulary is kept across records (``TokenTable``), so a record
+costs one dict lookup per distinct token and array work for the rest.
+
+Pure functions but for two caches per student tokenizer (its byte view, the endpoint tokens met):
+no file or model access; callers (``annotate``, ``teacher``) name the file and line in their errors.
 """
 
 from __future__ import annotations
@@ -32,16 +42,16 @@ import json
 import math
 import re
 import weakref
-from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from itertools import repeat
 
+import numpy as np
 import torch
 
 TAIL_FLOOR = 1e-7  # the smallest tail mass a filled row keeps (the loss floors its tail the same way)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_LOGPROB = itemgetter("logprob")
+_INDEX, _FLOAT = np.dtype("<u4"), np.dtype("<f8")  # the packed columns' values
 
 
 class AlignError(ValueError):
@@ -61,23 +71,46 @@ class Vocab:
     eos_id: int
     prefix: bytes = b""  # b" " for a tokenizer that prepends a space to a text that lacks one
     names: list[str] = field(repr=False, default_factory=list)  # id -> piece string
+    encode: Callable[[str], list[int]] | None = field(repr=False, default=None)  # see ``line_encoder``
+
+    def __post_init__(self):
+        self.spelled = [p or b"" for p in self.pieces]  # id -> bytes, b"" for special tokens
+        self.lens = np.array([-1 if p is None else len(p) for p in self.pieces], dtype=np.int64)  # -1: special
+        self.met = TokenTable(self.by_bytes)  # an endpoint's tokens, for this student
 
     def __len__(self) -> int:
         return len(self.pieces)
 
 
-def _tensor(buf: array) -> torch.Tensor:
-    """A 1-d tensor on an ``array`` of int64 or float64 (``torch.tensor`` on a list costs several times more)."""
-    dtype = torch.float64 if buf.typecode == "d" else torch.int64
-    return torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.zeros(0, dtype=dtype)
+class TokenTable:
+    """The endpoint tokens met so far, each numbered once: its bytes, their length and the student
+    id they spell (-1: none). Keyed by the token string, or by the bytes for a token whose string
+    is not its bytes' text; a record's distinct tokens are looked up in one pass
+    (``numbers``), and the rest is array indexing. Grows to the teacher's vocabulary at most."""
 
+    def __init__(self, by_bytes: dict[bytes, int]):
+        self.by_bytes, self.index = by_bytes, {}
+        self.pieces: list[bytes] = []
+        self.sid, self.lens = np.empty(0, np.int64), np.empty(0, np.int64)
 
-def _ints(values) -> torch.Tensor:
-    return _tensor(array("q", list(values)))
-
-
-def _floats(values) -> torch.Tensor:
-    return _tensor(array("d", list(values)))
+    def numbers(self, keys: list) -> np.ndarray:
+        """The numbers of ``keys`` (str or bytes), adding the new ones; -2 for a string that is no
+        UTF-8 text (a lone surrogate)."""
+        out = np.fromiter(map(self.index.get, keys, repeat(-1)), np.int64, len(keys))
+        new = np.flatnonzero(out == -1)
+        if len(new):
+            if len(self.pieces) + len(new) > len(self.sid):  # room by doubling
+                size = 2 * (len(self.pieces) + len(new))
+                self.sid, self.lens = (np.resize(a, size) for a in (self.sid, self.lens))
+            for i in new.tolist():
+                b = keys[i] if keys[i].__class__ is bytes else _utf8(keys[i])
+                if b is None:
+                    out[i] = -2
+                    continue
+                out[i] = n = self.index[keys[i]] = len(self.pieces)
+                self.pieces.append(b)
+                self.sid[n], self.lens[n] = self.by_bytes.get(b, -1), len(b)
+        return out
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -100,7 +133,7 @@ def _convention(tokenizer) -> str:
     return "sentencepiece" if any("\u2581" in p for p in tokenizer.get_vocab()) else "literal"
 
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocab_bytes(tokenizer) -> Vocab:
@@ -134,9 +167,56 @@ def vocab_bytes(tokenizer) -> Vocab:
         if b and (b not in by_bytes or (by_bytes[b] in fallback and i not in fallback)):
             by_bytes[b] = i
     probe = b"".join(pieces[i] or b"" for i in tokenizer.encode("a", add_special_tokens=False))
-    out = Vocab(pieces, by_bytes, tokenizer.eos_token_id, b" " if probe == b" a" else b"", names)
+    out = Vocab(pieces, by_bytes, tokenizer.eos_token_id, b" " if probe == b" a" else b"", names,
+                encode=line_encoder(tokenizer))
     _CACHE[tokenizer] = out
     return out
+
+
+def line_encoder(tokenizer) -> Callable[[str], list[int]] | None:
+    """A function giving ``tokenizer.encode(text, add_special_tokens=False)``, line by line, for a
+    SentencePiece-style BPE (None for any other tokenizer).
+
+    The tokenizer must be the plain Metaspace + BPE pipeline (no normalizer, a space prepended to
+    the text only, no split on spaces, no dropout, word prefix/suffix or ignore_merges) with no
+    piece that holds a newline. Then no merge crosses a newline: each line is BPE'd on its own
+    (the first one with the prepended space) and a newline is its own token, so the ids are the
+    same, at 1.7x less CPU on 1,000-token texts (the model's work grows faster than the text's
+    length, and short lines hit its cache). A text holding an added token's string is encoded
+    whole, as the tokenizer splits those out first. ``tests/test_align.py`` checks the ids.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if (spec.get("normalizer") is not None or spec.get("truncation") or spec.get("padding")
+            or pre != {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+            or model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or any("\n" in piece for piece in model.get("vocab", {}))):
+        return None
+    bpe = backend.model
+    newline = [t.id for t in bpe.tokenize("\n")]
+    if model.get("unk_token") is not None and bpe.token_to_id(model["unk_token"]) in newline:
+        return None  # an unknown newline could fuse with its neighbours
+    added = [t.content for t in backend.get_added_tokens_decoder().values()]
+
+    def encode(text: str) -> list[int]:
+        if not text or any(a in text for a in added):
+            return backend.encode(text, add_special_tokens=False).ids
+        out: list[int] = []
+        for j, line in enumerate(text.split("\n")):
+            if j:
+                out += newline
+            line = line.replace(" ", "\u2581")
+            if not j and not line.startswith("\u2581"):
+                line = "\u2581" + line
+            if line:
+                out += [t.id for t in bpe.tokenize(line)]
+        return out
+
+    return encode
 
 
 def spans(pieces: list[bytes], text: bytes) -> tuple[list[int], list[int], bytes]:
@@ -148,22 +228,27 @@ def spans(pieces: list[bytes], text: bytes) -> tuple[list[int], list[int], bytes
     return starts.tolist(), ends.tolist(), prefix
 
 
-def _spans(pieces: list[bytes], text: bytes) -> tuple[torch.Tensor, torch.Tensor, bytes]:
-    joined = b"".join(pieces)
+def _spans(pieces: list[bytes], text: bytes) -> tuple[np.ndarray, np.ndarray, bytes]:
+    return _layout(b"".join(pieces), np.fromiter(map(len, pieces), np.int64, len(pieces)), text, lambda: pieces)
+
+
+def _layout(joined: bytes, lens: np.ndarray, text: bytes, pieces: Callable[[], list[bytes]]):
+    """``_spans`` of tokens given as their joined bytes and their lengths (``pieces()`` lists them
+    to name the token where they leave the text)."""
     prefix = b""
     if joined != text:
         if joined == b" " + text:
             prefix = b" "
         else:
+            pieces = pieces()
             pos, at = _first_mismatch(pieces, text)
             raise AlignError(f"the tokens do not spell the response text: token {pos} ({pieces[pos]!r}) "
                              f"at byte {at} where the text has {text[at:at + len(pieces[pos])]!r}", pos)
-    lens = _ints(map(len, pieces))
-    ends = lens.cumsum(0)
+    ends = lens.cumsum()
     starts = ends - lens
     if prefix:  # a token of the virtual space alone keeps the span [-1, 0); it matches only its twin
         ends = ends - 1
-        starts = torch.where(ends == 0, starts - 1, (starts - 1).clamp(min=0))
+        starts = np.where(ends == 0, starts - 1, np.maximum(starts - 1, 0))
     return starts, ends, prefix
 
 
@@ -178,17 +263,17 @@ def _first_mismatch(pieces: list[bytes], text: bytes) -> tuple[int, int]:
 
 def match(s_starts: list[int], s_ends: list[int], t_starts: list[int], t_ends: list[int]) -> list[int | None]:
     """For each student token, the teacher token with exactly its byte span, or None."""
-    which = _match(*map(_ints, (s_starts, s_ends, t_starts, t_ends)))
+    which = _match(*(np.asarray(x, dtype=np.int64) for x in (s_starts, s_ends, t_starts, t_ends)))
     return [None if i < 0 else i for i in which.tolist()]
 
 
-def _match(s_starts: torch.Tensor, s_ends: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
+def _match(s_starts: np.ndarray, s_ends: np.ndarray, t_starts: np.ndarray, t_ends: np.ndarray) -> np.ndarray:
     """``match`` on spans as ``_spans`` gives them, -1 for None."""
-    keep = (t_ends > t_starts).nonzero().flatten()  # the non-empty teacher spans: their starts increase
+    keep = np.flatnonzero(t_ends > t_starts)  # the non-empty teacher spans: their starts increase
     if not len(keep):
-        return torch.full_like(s_starts, -1)
-    i = keep[torch.searchsorted(t_starts[keep], s_starts).clamp(max=len(keep) - 1)]
-    return torch.where((t_starts[i] == s_starts) & (t_ends[i] == s_ends), i, -1)
+        return np.full(len(s_starts), -1, dtype=np.int64)
+    i = keep[np.minimum(np.searchsorted(t_starts[keep], s_starts), len(keep) - 1)]
+    return np.where((t_starts[i] == s_starts) & (t_ends[i] == s_ends), i, -1)
 
 
 def _key(b: bytes, t_strip: bytes, s_add: bytes) -> bytes:
@@ -217,33 +302,38 @@ def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple
     return ids + extra, lps + [share] * (k - m)
 
 
-def build_rows(sid: torch.Tensor, lp: torch.Tensor, k: int, vocab_size: int) -> tuple[list[list[int]], list[list]]:
-    """Rows from [A, K] student ids (-1: unmapped) and their log-probs: the mapped ones, most likely
-    first, cut to ``k``, then filled (``fill_row``). Vectorised; rows where two alternatives share a
-    student id, or where a mapped id is one a fill would take, go through ``fill_row`` one by one."""
-    if k > sid.shape[1]:  # room for fills beyond the listed alternatives
-        sid = torch.cat([sid, sid.new_full((sid.shape[0], k - sid.shape[1]), -1)], 1)
-        lp = torch.cat([lp, lp.new_zeros(lp.shape[0], k - lp.shape[1])], 1)
-    K = sid.shape[1]
-    lp = lp.double().clamp(max=0.0)
-    key = torch.where(sid >= 0, lp, torch.full_like(lp, -math.inf))
-    order = key.argsort(dim=-1, descending=True, stable=True)
-    sid, lp = sid.gather(1, order), lp.gather(1, order)
-    srt = torch.where(sid >= 0, sid, -1 - torch.arange(K)).sort(dim=-1).values
-    clash = (srt[:, 1:] == srt[:, :-1]).any(-1)  # a student id twice: merged below
-    kept, kept_lp = sid[:, :k], lp[:, :k]
-    mapped = kept >= 0
-    clash |= (mapped & (kept >= vocab_size - kept.shape[1])).any(-1)  # where a fill would go
-    m = mapped.sum(-1, keepdim=True)
-    tail = (1.0 - (kept_lp.exp() * mapped).sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    share = (tail / (vocab_size - m)).log().expand_as(kept_lp)
-    ids_list = torch.where(mapped, kept, vocab_size - 1 - torch.arange(kept.shape[1])).tolist()
-    lps_list = torch.where(mapped, kept_lp, share).tolist()
-    for r in clash.nonzero().flatten().tolist():  # rare: merge duplicates in probability, fill around
+def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[list[list[int]], list[list]]:
+    """Rows from [A, K] student ids (-1: unmapped) and their log-probs (arrays or CPU tensors): the
+    mapped ones, most likely first (ties in listed order), cut to ``k``, then filled (``fill_row``).
+    Vectorised: each mapped alternative goes to the slot its rank among the mapped ones gives
+    (alternatives listed most likely first, as endpoints and ``topk`` give them, need no sort);
+    rows where two alternatives share a student id, or where a mapped id is one a fill would
+    take, go through ``fill_row`` one by one."""
+    sid, lp = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in (sid, lp))
+    sid, lp = np.asarray(sid, dtype=np.int64), np.minimum(np.asarray(lp, dtype=np.float64), 0.0)
+    A, K = sid.shape
+    mapped = sid >= 0
+    if K > 1 and not (lp[:, 1:] <= lp[:, :-1]).all():
+        order = np.argsort(-np.where(mapped, lp, -math.inf), axis=1, kind="stable")
+        sid, lp = np.take_along_axis(sid, order, 1), np.take_along_axis(lp, order, 1)
+        mapped = sid >= 0
+    rank = mapped.cumsum(1) - 1
+    kept = mapped & (rank < k)
+    src = np.flatnonzero(kept)  # flat indices: one gather and one scatter per array
+    dst = src // K * k + rank.ravel()[src]
+    ids = np.broadcast_to(vocab_size - 1 - np.arange(k), (A, k)).copy()  # free slot s takes id V - 1 - s
+    ids.ravel()[dst] = sid.ravel()[src]
+    tail = np.maximum(1.0 - np.where(kept, np.exp(lp), 0.0).sum(1), TAIL_FLOOR)
+    lps = np.repeat(np.log(tail / (vocab_size - kept.sum(1)))[:, None], k, 1)
+    lps.ravel()[dst] = lp.ravel()[src]
+    srt = np.sort(np.where(mapped, sid, -1 - np.arange(K)), axis=1)
+    clash = (srt[:, 1:] == srt[:, :-1]).any(1)  # a student id twice: merged below
+    clash |= (kept & (sid >= vocab_size - k)).any(1)  # where a fill would go
+    ids_list, lps_list = ids.tolist(), lps.tolist()
+    for r in np.flatnonzero(clash).tolist():  # rare: merge duplicates in probability, fill around
         row: dict[int, float] = {}
-        for i, v in zip(sid[r].tolist(), lp[r].tolist()):
-            if i >= 0:
-                row[i] = math.log(math.exp(row[i]) + math.exp(v)) if i in row else v
+        for i, v in zip(sid[r][mapped[r]].tolist(), lp[r][mapped[r]].tolist()):
+            row[i] = math.log(math.exp(row[i]) + math.exp(v)) if i in row else v
         ids_list[r], lps_list[r] = fill_row(list(row), list(row.values()), k, vocab_size)
     return ids_list, lps_list
 
@@ -259,58 +349,100 @@ class Rows:
     mapped_mass: float  # the part of it that maps to student ids
 
 
-def parse_api_logprobs(entries) -> tuple[list[bytes], list[list[dict]], torch.Tensor]:
-    """``teacher_api_logprobs`` -> (token bytes, each token's top_logprobs entries, [n, K] their log-probs).
+# ---- an endpoint's log-probs: the stored (packed) form, checked, aligned ----
 
-    Checks the tokens' bytes, every log-probability and K; raises AlignError naming the token
-    position. All entries are checked at once, and only bad input is walked entry by entry to name
-    the first problem. The alternatives' bytes are read by ``align_api`` where a position aligns.
+def pack_api_logprobs(content) -> dict:
+    """An endpoint's per-token list (``[{token, bytes, logprob, top_logprobs: [{token, bytes,
+    logprob}]}]``, as OpenAI-compatible endpoints return ``logprobs.content``) -> its packed form::
+
+        {"k": K,
+         "vocab": ["Hello", " world", ["\\\\xe2\\\\x80", [226, 128]], ...],
+         "token": hex, "logprob": hex, "top_token": hex, "top_logprob": hex}
+
+    ``vocab`` lists each distinct (token, bytes) once, in order of first use: the token string
+    where its UTF-8 is the bytes, else ``[token, bytes]`` (a token that is part of a character,
+    which endpoints render in their own ways). ``token`` ([n]) and ``top_token`` ([n, K], row by
+    row) are indices into it, little-endian uint32; ``logprob`` ([n]) and ``top_logprob`` ([n, K])
+    are little-endian float64. All hex. Lossless for those four fields (``unpack_api_logprobs``
+    gives them back); other keys an endpoint may add are not kept. Values are not judged here
+    (``parse_api_logprobs`` does); raises AlignError (position = token index) for what the form
+    cannot hold: no list of per-token objects, bytes that are not a list of 0..255, a log-prob that
+    is not a number, no top_logprobs or K varying.
     """
-    try:
-        if not isinstance(entries, list) or not entries:
-            raise ValueError
-        tops = [e["top_logprobs"] for e in entries]
-        K = len(tops[0])
-        if not K or any(t.__class__ is not list or len(t) != K for t in tops):
-            raise ValueError
-        pieces = [bytes(b) if (b := e["bytes"]).__class__ is list else None for e in entries]
-        lp = _floats(map(_LOGPROB, chain.from_iterable(tops))).view(len(entries), K)
-        chosen = _floats(map(_LOGPROB, entries))
-        ok = None not in pieces and bool(torch.isfinite(lp).all() and torch.isfinite(chosen).all()
-                                         and lp.max() <= 1e-6 and chosen.max() <= 1e-6
-                                         and (lp.exp().sum(-1) <= 1 + 1e-3).all())
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError):
-        ok = False
-    if not ok:
-        _check_entries(entries)
-        raise AlignError("'teacher_api_logprobs' holds values of the wrong type")
-    return pieces, tops, lp
-
-
-def _check_entries(entries) -> None:
-    """Walk the entries and raise AlignError for the first problem."""
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(content, list) or not content:
         raise AlignError("'teacher_api_logprobs' must be a non-empty list of per-token objects")
+    vocab: list = []
+    index: dict = {}  # str, or (token, bytes) for the others -> vocab index
+    seen: dict = {}  # token string -> (index, its bytes as given): the common case in one lookup
     K = None
-    for j, e in enumerate(entries):
-        if not isinstance(e, dict):
+    token, logprob, top_token, top_logprob = [], [], [], []
+
+    def intern(e: dict, j: int, name: str) -> int:
+        tok, b = e.get("token"), e.get("bytes")
+        hit = seen.get(tok) if tok.__class__ is str else None
+        if hit is not None and hit[1] == b:
+            return hit[0]
+        raw = _bytes_of(e, j, name + "bytes")
+        plain = tok.__class__ is str and _utf8(tok) == raw
+        key = tok if plain else (tok, raw)
+        try:
+            i = index.get(key)
+        except TypeError:  # a list or an object
+            raise AlignError(f"token {j} has a '{name}token' that is not a string: {tok!r:.40}", j) from None
+        if i is None:
+            i = index[key] = len(vocab)
+            vocab.append(tok if plain else [tok, list(raw)])
+        if plain:
+            seen[tok] = (i, b)
+        return i
+
+    for j, e in enumerate(content):
+        if e.__class__ is not dict:
             raise AlignError(f"token {j} is not an object", j)
-        _bytes_of(e, j, "bytes")
-        _logprob(e, j, "logprob")
-        top = e.get("top_logprobs")
-        if not isinstance(top, list) or not top:
+        alts = e.get("top_logprobs")
+        if alts.__class__ is not list or not alts:
             raise AlignError(f"token {j} has no 'top_logprobs' list (generate with --logprobs K, K >= 1)", j)
-        if K is None:
-            K = len(top)
-        elif len(top) != K:
-            raise AlignError(f"token {j} has {len(top)} top_logprobs but token 0 has {K}: K must not vary", j)
-        for a in top:
-            if not isinstance(a, dict):
+        K = K or len(alts)
+        if len(alts) != K:
+            raise AlignError(f"token {j} has {len(alts)} top_logprobs but token 0 has {K}: K must not vary", j)
+        token.append(intern(e, j, ""))
+        logprob.append(_number(e, j, "logprob"))
+        for a in alts:
+            if a.__class__ is not dict:
                 raise AlignError(f"token {j} has a top_logprobs entry that is not an object", j)
-            _bytes_of(a, j, "top_logprobs[].bytes")
-        if sum(math.exp(_logprob(a, j, "top_logprobs[].logprob")) for a in top) > 1 + 1e-3:
-            raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
-                             "log-probabilities", j)
+            top_token.append(intern(a, j, "top_logprobs[]."))
+            top_logprob.append(_number(a, j, "top_logprobs[].logprob"))
+    return {"k": K, "vocab": vocab, "token": _hex(token, _INDEX), "logprob": _hex(logprob, _FLOAT),
+            "top_token": _hex(top_token, _INDEX), "top_logprob": _hex(top_logprob, _FLOAT)}
+
+
+def unpack_api_logprobs(packed: dict) -> list[dict]:
+    """The endpoint's per-token list back from ``pack_api_logprobs``'s form (to read a record)."""
+    _, vocab, token, logprob, top, top_lp = _columns(packed)
+    entry = [{"token": e, "bytes": list(e.encode("utf-8"))} if e.__class__ is str else
+             {"token": e[0], "bytes": list(e[1])} for e in vocab]
+    return [{**entry[t], "logprob": v, "top_logprobs": [{**entry[a], "logprob": x} for a, x in zip(ta, tl)]}
+            for t, v, ta, tl in zip(token.tolist(), logprob.tolist(), top.tolist(), top_lp.tolist())]
+
+
+def _utf8(s: str) -> bytes | None:
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+
+
+def _hex(values: list, dtype: np.dtype) -> str:
+    return np.asarray(values, dtype=dtype).tobytes().hex()
+
+
+def _number(e: dict, j: int, name: str) -> float:
+    v = e.get(name.rsplit(".", 1)[-1])
+    if v.__class__ is float:
+        return v
+    if v.__class__ is not int:  # bool too: JSON's true is no log-probability
+        raise AlignError(f"token {j} has '{name}' {v!r}, not a finite number", j)
+    return float(v)
 
 
 def _bytes_of(e: dict, j: int, name: str) -> bytes:
@@ -324,50 +456,156 @@ def _bytes_of(e: dict, j: int, name: str) -> bytes:
         raise AlignError(f"token {j} has '{name}' that are not byte values 0..255: {b[:8]!r}", j) from None
 
 
-def _logprob(e: dict, j: int, name: str) -> float:
-    v = e.get("logprob")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+def _unhex(packed: dict, name: str, dtype: np.dtype) -> np.ndarray:
+    try:
+        raw = bytes.fromhex(packed.get(name))
+    except (TypeError, ValueError):
+        raise AlignError(f"packed field '{name}' must be a string of hex digits") from None
+    if len(raw) % dtype.itemsize:
+        raise AlignError(f"packed field '{name}' holds {len(raw)} bytes, not a whole number of "
+                         f"{dtype.itemsize}-byte values")
+    return np.frombuffer(raw, dtype)
+
+
+def _columns(packed: dict):
+    """(K, vocab, token [n], logprob [n], top_token [n, K], top_logprob [n, K]) of the packed form,
+    its shapes and indices checked."""
+    K, vocab = packed.get("k"), packed.get("vocab")
+    if K.__class__ is not int or K < 1:
+        raise AlignError(f"packed field 'k' must be the number of alternatives per token (>= 1), got {K!r:.40}")
+    if vocab.__class__ is not list or not vocab:
+        raise AlignError("packed field 'vocab' must be a non-empty list of tokens")
+    token, logprob = _unhex(packed, "token", _INDEX), _unhex(packed, "logprob", _FLOAT)
+    top, top_lp = _unhex(packed, "top_token", _INDEX), _unhex(packed, "top_logprob", _FLOAT)
+    n = len(logprob)
+    if not n or len(token) != n:
+        raise AlignError(f"packed fields 'token' and 'logprob' hold {len(token)} and {n} values: one per token, "
+                         "at least one")
+    if len(top) != n * K or len(top_lp) != n * K:
+        raise AlignError(f"packed fields 'top_token' and 'top_logprob' hold {len(top)} and {len(top_lp)} values "
+                         f"for {n} tokens of k = {K}: K alternatives per token (K must not vary)")
+    top, top_lp = top.reshape(n, K), top_lp.reshape(n, K)
+    bad = (token >= len(vocab)) | (top >= len(vocab)).any(1)
+    if bad.any():
+        j = int(bad.argmax())
+        raise AlignError(f"token {j} refers to a token beyond the {len(vocab)} of 'vocab'", j)
+    return K, vocab, token, logprob, top, top_lp
+
+
+@dataclass
+class ApiLogprobs:
+    """A record's endpoint log-probs, checked: n teacher tokens with K alternatives each."""
+
+    vocab: list  # the distinct tokens, as in the packed form
+    token: np.ndarray  # [n] the chosen tokens (indices into vocab)
+    top: np.ndarray  # [n, K] the alternatives (indices into vocab)
+    lp: np.ndarray  # [n, K] their log-probs, float64
+
+    def first_use(self, i: int) -> int | None:
+        """The first token position that names vocab entry ``i``."""
+        at = np.flatnonzero((self.token == i) | (self.top == i).any(1))
+        return int(at[0]) if len(at) else None
+
+
+def parse_api_logprobs(value) -> ApiLogprobs:
+    """``teacher_api_logprobs`` in either form (packed, or the endpoint's list, which is packed
+    first) -> ApiLogprobs. Checks K, the bytes, every log-probability (finite, <= 0, each token's
+    alternatives summing to at most 1); raises AlignError naming the token position. The values
+    are checked as arrays, and only bad ones are walked token by token to name the first."""
+    if isinstance(value, list):
+        value = pack_api_logprobs(value)
+    elif not isinstance(value, dict):
+        raise AlignError("'teacher_api_logprobs' must be a list of per-token objects or the packed form "
+                         "(an object; see pack_api_logprobs)")
+    _, vocab, token, logprob, top, top_lp = _columns(value)
+    _check_logprobs(logprob, top_lp)
+    api = ApiLogprobs(vocab, token, top, top_lp)
+    for i in [i for i, e in enumerate(vocab) if e.__class__ is not str]:
+        if _entry_bytes(vocab[i]) is None:
+            j = api.first_use(i)
+            raise AlignError(f"token {j} has a token that is neither a string nor [token, bytes 0..255]: "
+                             f"{vocab[i]!r:.40}", j)
+    return api
+
+
+def _entry_bytes(e) -> bytes | None:
+    """A vocab entry's bytes, None where it is malformed."""
+    if e.__class__ is str:
+        return _utf8(e)
+    if e.__class__ is list and len(e) == 2 and e[1].__class__ is list:
+        try:
+            return bytes(e[1])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _check_logprobs(logprob: np.ndarray, top_lp: np.ndarray) -> None:
+    with np.errstate(over="ignore", invalid="ignore"):  # max is NaN where a NaN is: not <= 1e-6
+        ok = (logprob.max() <= 1e-6 and logprob.min() > -math.inf and top_lp.max() <= 1e-6
+              and top_lp.min() > -math.inf and (np.exp(top_lp).sum(1) <= 1 + 1e-3).all())
+    if ok:
+        return
+    for j in range(len(logprob)):
+        _value(logprob[j], j, "logprob")
+        for v in top_lp[j]:
+            _value(v, j, "top_logprobs[].logprob")
+        if np.exp(top_lp[j]).sum() > 1 + 1e-3:
+            raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
+                             "log-probabilities", j)
+
+
+def _value(v: np.float64, j: int, name: str) -> None:
+    v = float(v)
+    if not math.isfinite(v):
         raise AlignError(f"token {j} has '{name}' {v!r}, not a finite number", j)
     if v > 1e-6:
         raise AlignError(f"token {j} has positive '{name}' {v}: log-probabilities are <= 0", j)
-    return float(v)
 
 
-def align_api(pieces: list[bytes], tops: list[list[dict]], lp: torch.Tensor, text: str,
-              student_ids: list[int], vocab: Vocab, k: int) -> Rows:
+def _lookup(api: ApiLogprobs, table: TokenTable) -> np.ndarray:
+    """[D] ``table``'s numbers of ``api``'s tokens."""
+    keys = api.vocab
+    try:
+        out = table.numbers(keys)
+    except TypeError:  # a [token, bytes] entry (a list: no key): by its bytes
+        keys = [e if e.__class__ is str else _entry_bytes(e) for e in keys]
+        out = table.numbers(keys)
+    if (out == -2).any():
+        i = int((out == -2).argmax())
+        j = api.first_use(i)
+        raise AlignError(f"token {j} has a token string that is not text: {keys[i]!r:.40}", j)
+    return out
+
+
+def align_api(api: ApiLogprobs, text: str, student_ids: list[int], vocab: Vocab, k: int) -> Rows:
     """Rows for ``student_ids`` (the student's tokens of ``text``, any trailing EOS) from an endpoint's
     tokens and top alternatives (``parse_api_logprobs``)."""
     raw = text.encode("utf-8")
-    t_starts, t_ends, _ = _spans(pieces, raw)
-    pos = [p for p, i in enumerate(student_ids) if vocab.pieces[i] is not None]  # EOS carries no bytes
-    s_starts, s_ends, _ = _spans([vocab.pieces[student_ids[p]] for p in pos], raw)
+    met = vocab.met
+    number = _lookup(api, met)
+    chosen = number[api.token]
+    t_starts, t_ends, _ = _layout(b"".join(map(met.pieces.__getitem__, chosen.tolist())), met.lens[chosen], raw,
+                                  lambda: [met.pieces[i] for i in chosen.tolist()])
+    s_ids = np.array(student_ids, dtype=np.int64)
+    pos = np.flatnonzero(vocab.lens[s_ids] >= 0)  # EOS carries no bytes
+    s_starts, s_ends, _ = _layout(b"".join(map(vocab.spelled.__getitem__, student_ids)), vocab.lens[s_ids[pos]],
+                                  raw, lambda: [vocab.pieces[i] for i in s_ids[pos].tolist()])
     which = _match(s_starts, s_ends, t_starts, t_ends)
-    at = (which >= 0).nonzero().flatten()  # aligned, as indices into pos
+    at = np.flatnonzero(which >= 0)  # aligned, as indices into pos
     ids: list[list[int] | None] = [None] * len(student_ids)
     lps: list[list[float] | None] = [None] * len(student_ids)
     if not len(at):
         return Rows(ids, lps, 0, 0.0, 0.0)
-    rows_t = which[at]
-    rows = rows_t.tolist()
-    get, prefix = vocab.by_bytes.get, vocab.prefix
-    try:  # one pass: -2 marks an alternative without a list of bytes
-        flat = array("q", [get(bytes(b), -1) if (b := a["bytes"]).__class__ is list else -2
-                           for i in rows for a in tops[i]])
-    except (KeyError, TypeError, ValueError):
-        flat = array("q", [-2])
-    if -2 in flat:
-        for i in rows:
-            for a in tops[i]:
-                _bytes_of(a if isinstance(a, dict) else {}, i, "top_logprobs[].bytes")
-        raise AlignError("a top_logprobs entry has no list of bytes")
-    sid = _tensor(flat).view(len(rows), -1)
-    if at[0] == 0:  # the student's first token: its virtual space goes in front
-        sid[0] = torch.tensor([get(_key(bytes(a["bytes"]), b"", prefix), -1) if a["bytes"] else -1
-                               for a in tops[rows[0]]])
-    rows_lp = lp[rows_t]
-    p = rows_lp.exp()
+    rows = which[at]
+    sid = met.sid[number[api.top[rows]]]
+    if at[0] == 0 and vocab.prefix:  # the student's first token: its virtual space goes in front
+        first = [met.pieces[i] for i in number[api.top[rows[0]]].tolist()]
+        sid[0] = [vocab.by_bytes.get(_key(b, b"", vocab.prefix), -1) if b else -1 for b in first]
+    rows_lp = api.lp[rows]
+    p = np.exp(rows_lp)
     row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
-    for q, ri, rl in zip(map(pos.__getitem__, at.tolist()), row_ids, row_lps):
+    for q, ri, rl in zip(pos[at].tolist(), row_ids, row_lps):
         ids[q], lps[q] = ri, rl
     return Rows(ids, lps, len(rows), float(p.sum()), float((p * (sid >= 0)).sum()))
 

@@ -9,9 +9,11 @@ Two teachers:
   are kept at aligned positions (``align.py``). A teacher with the student's vocabulary aligns
   every position id for id: its rows are the plain same-vocabulary top-k.
 * an endpoint's log-probs (no ``--teacher``): each record's ``teacher_api_logprobs`` (written by
-  ``kdtrain gen-data --logprobs K``) is aligned to the student's tokens. Rows are K wide (or
-  ``--k`` when smaller). The endpoint's log-probs are stored as given; ``--temperature`` records
-  the temperature they were captured at.
+  ``kdtrain gen-data --logprobs K``) is aligned to the student's tokens. Either form is read: the
+  packed one gen-data writes (``align.pack_api_logprobs``) or the endpoint's own list of
+  per-token objects (older files), with the same rows from both. Rows are K wide (or ``--k``
+  when smaller). The endpoint's log-probs are stored as given; ``--temperature`` records the
+  temperature they were captured at.
 
 Rows of positions that are not aligned are ``null``: no ``kl_div`` there, ``ce_teacher`` as usual.
 Coverage is printed: the fraction of response positions aligned and the fraction of the
@@ -114,8 +116,13 @@ def _short(v) -> str:
     return f"sha256 {v[:12]}…" if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
-def _student_rows(rec: dict, tok, vocab: int, path, line_no: int, max_len: int):
+def _student_rows(rec: dict, tok, vocab: int, path, line_no: int, max_len: int, encode=None):
+    """(prompt ids cut to ``max_len``, response ids + EOS, response tokens kept). ``encode``
+    (``align.line_encoder``) gives the tokenizer's ids of ``teacher_text`` at less CPU."""
     plain = {key: v for key, v in rec.items() if key not in ("response_ids", "teacher_topk")}
+    text = plain.get("teacher_text")
+    if encode is not None and isinstance(text, str) and text.strip() and align._utf8(text) is not None:
+        plain["response_ids"] = encode(text) + [tok.eos_token_id]  # as parse_record would tokenize it
     sample, _, _ = parse_record(plain, tok, vocab, path, line_no)
     prompt, n = _truncate(sample.prompt_ids, sample.response_ids, max_len)  # the training policy
     return prompt, sample.response_ids, n
@@ -126,11 +133,11 @@ def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | 
     if rec.get("teacher_api_logprobs") is None:
         raise DataError(f"record has no 'teacher_api_logprobs' {where}): generate with `kdtrain gen-data "
                         "--logprobs K`, or pass --teacher DIR to annotate with a local teacher.")
-    _, response, n = _student_rows(rec, tok, len(vocab), path, line_no, max_len)
+    _, response, n = _student_rows(rec, tok, len(vocab), path, line_no, max_len, vocab.encode)
     try:
-        pieces, tops, lp = align.parse_api_logprobs(rec["teacher_api_logprobs"])
-        K = lp.shape[1]
-        rows = align.align_api(pieces, tops, lp, rec["teacher_text"], response, vocab, min(k or K, K))
+        api = align.parse_api_logprobs(rec["teacher_api_logprobs"])
+        K = api.top.shape[1]
+        rows = align.align_api(api, rec["teacher_text"], response, vocab, min(k or K, K))
     except align.AlignError as e:
         at = f", teacher_api_logprobs position {e.position}" if e.position is not None else ""
         raise DataError(f"field 'teacher_api_logprobs': {e} {where}{at}).") from None
