@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn")
 
 from kdtrain.cli import main  # noqa: E402
 from kdtrain.data import load_dataset  # noqa: E402
-from kdtrain.gendata import plan, read_prompts  # noqa: E402
+from kdtrain.gendata import Cache, plan, read_prompts  # noqa: E402
 from loopback import Faults, fake_chat_app, serve  # noqa: E402
 
 KEY = "sk-test-6f1d2c9e8a7b4d3c"
@@ -305,7 +305,8 @@ def test_api_key_is_never_written(toy_server, tmp_path, capsys):
     assert (tmp_path / "o.jsonl.errors.jsonl").exists()  # the echoed key went through the errors file
     captured = capsys.readouterr()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) >= 9  # prompts, output, summary, errors, 5 cache entries
+    assert len(files) == 6  # prompts, output, summary, errors, the cache's segment and index
+    assert len(Cache(tmp_path / "cache").index) == 5
     for path in files:
         assert KEY.encode() not in path.read_bytes(), path
     assert KEY not in captured.out + captured.err
@@ -454,8 +455,27 @@ def test_samples_per_prompt_and_concurrent_runs_sharing_a_cache(fake_server, tmp
     by_id = {r["id"]: r for r in a}
     assert by_id["p:3:1"]["metadata"]["sampling"]["seed"] == 1 and by_id["p:3:0"]["metadata"]["sampling"]["seed"] == 0
     assert by_id["p:3:1"]["teacher_text"] != by_id["p:3:0"]["teacher_text"]
-    entries = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert len(entries) == 30 and all(json.loads(p.read_bytes())["response"]["choices"] for p in entries)
+    cache = Cache(tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.idx"))) == 2  # a segment per run
+    assert len(cache.index) == 30 and all(cache.get(k)["response"]["choices"] for k in cache.index)
+
+
+def test_cache_reads_whole_entries_of_every_writer_and_skips_torn_ones(tmp_path):
+    """Two writers' segments are both read; a torn index line (a kill mid-write), an index line over
+    bytes that never reached the disk (power loss) and a garbled index line are misses, not errors."""
+    a, b = Cache(tmp_path), Cache(tmp_path)
+    a.put("k1", {"response": 1})
+    b.put("k2", {"response": "ü" * 3})
+    a.put("k3", {"response": 3})
+    a.close(), b.close()
+    idx = tmp_path / f"{a.name}.idx"
+    with open(idx, "ab") as f:
+        f.write(b"k4 999 20\n\x00\x00 x\nk5 0")  # past the data, garbage, torn
+    c = Cache(tmp_path)
+    assert {k: c.get(k) for k in ("k1", "k2", "k3", "k4", "k5")} == {
+        "k1": {"response": 1}, "k2": {"response": "ü" * 3}, "k3": {"response": 3}, "k4": None, "k5": None}
+    assert "k4" in c and "k5" not in c and c.name not in (a.name, b.name)
+    assert not list(tmp_path.glob(f"{c.name}.*"))  # a run that stores nothing writes nothing
 
 
 def test_system_message_and_jsonl_messages_make_loadable_records(fake_server, tmp_path, tokenizer):

@@ -19,10 +19,10 @@ finishes with exactly ``--total`` records. Ctrl-C flushes, saves the summary and
 ``metadata.truncated`` (``--drop-truncated`` drops it); an empty response is dropped; each
 dropped or failed request is replaced by the next prompt of the plan.
 
-Cache. Every well-formed response is stored under ``--cache-dir`` at the sha256 of (endpoint,
-model, messages, every sampling parameter), written to a temporary file and renamed, so a kill
-or a concurrent writer never leaves a torn entry. A cached response costs nothing and sends no
-request. The API key is not part of the key and is never written anywhere.
+Cache. Every well-formed response is stored under ``--cache-dir`` by the sha256 of (endpoint,
+model, messages, every sampling parameter), appended to segment files of the run's own (see
+``Cache``), so a kill or a concurrent writer never leaves a torn entry. A cached response costs
+nothing and sends no request. The API key is not part of the key and is never written anywhere.
 
 Budget. Spend = prompt tokens × ``--price-in`` + completion tokens × ``--price-out`` (per
 million), from the ``usage`` each response reports. A request is sent only if the spend so far
@@ -52,7 +52,6 @@ import math
 import os
 import random
 import sys
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -272,29 +271,71 @@ def cache_key(endpoint: str, model: str, messages: list[dict], params: dict) -> 
 
 
 class Cache:
-    """One JSON file per response, named by its key; written to a temporary file and renamed."""
+    """Append-only segment files under ``root``, one pair per writer (a run).
+
+    A run appends each response as one JSON line to its own ``<pid>-<random>.jsonl``, then the line's
+    ``key offset length`` to ``.idx`` beside it, each with one ``write`` and no fsync: a kill -9 loses
+    nothing the kernel has, and a writer never touches another's files, so concurrent runs cannot tear
+    an entry. An index line is written after its entry and read only when whole (newline-terminated);
+    an entry that does not parse (power loss) is a miss. A run reads every index when it starts, so it
+    sees what earlier runs stored; a response that another run stores meanwhile is seen by the next
+    run. Two appends per response replace a file per response (create, write, rename), whose directory
+    updates were the largest CPU cost of gen-data's own per-record work (0.15 ms idle, over 1 ms with
+    other jobs writing to the disk).
+    """
 
     def __init__(self, root: Path):
         self.root = root
-        self.made: set[Path] = set()
+        self.index: dict[str, tuple[str, int, int]] = {}
+        self.name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.fds: tuple[int, int] | None = None
+        self.size = 0
+        for idx in sorted(root.glob("*.idx")) if root.is_dir() else ():
+            for line in idx.read_bytes().split(b"\n")[:-1]:  # the last piece is "" or a torn line
+                try:
+                    key, offset, length = line.decode().split()
+                    self.index.setdefault(key, (idx.stem, int(offset), int(length)))
+                except (UnicodeDecodeError, ValueError):  # not written through (power loss): a miss
+                    continue
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
 
     def get(self, key: str) -> dict | None:
+        where = self.index.get(key)
+        if where is None:
+            return None
+        name, offset, length = where
         try:
-            return json.loads(self._path(key).read_bytes())
-        except (FileNotFoundError, json.JSONDecodeError):  # absent, or not written through (power loss)
+            with open(self.root / f"{name}.jsonl", "rb") as f:
+                f.seek(offset)
+                return json.loads(f.read(length))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # not written through (power loss)
             return None
 
     def put(self, key: str, entry: dict) -> None:
-        path = self._path(key)
-        if path.parent not in self.made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.made.add(path.parent)
-        tmp = path.with_name(f".tmp-{key}-{os.getpid()}-{threading.get_ident()}")  # unique to this writer
-        tmp.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
-        os.replace(tmp, path)
+        if self.fds is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+            self.fds = (os.open(self.root / f"{self.name}.jsonl", flags, 0o644),
+                        os.open(self.root / f"{self.name}.idx", flags, 0o644))
+        data = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+        _write_all(self.fds[0], data)
+        _write_all(self.fds[1], f"{key} {self.size} {len(data)}\n".encode())
+        self.index[key] = (self.name, self.size, len(data))
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self.fds is not None:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Output:
@@ -636,6 +677,7 @@ class Run:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
             self.out.close()
+            self.cache.close()
 
     def _postfix(self) -> str:
         s, dt = self.stats, max(time.monotonic() - self.t0, 1e-9)
@@ -690,10 +732,10 @@ def dry_run(cfg: GenConfig, run: Run) -> dict:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer)
-    cached = sum(run.cache.get(run._key(p, j)) is not None for p, j in todo)
+    cached = sum(run._key(p, j) in run.cache for p, j in todo)
     prompt_tokens = 0
     for p, j in todo:
-        if run.cache.get(run._key(p, j)) is None:
+        if run._key(p, j) not in run.cache:
             prompt_tokens += (len(_render_prompt({"messages": p.messages}, tok, "prompts", 0)) if tok else
                               prompt_bound(p.messages))
     sends = len(todo) - cached
