@@ -1,18 +1,36 @@
 """``kdtrain gen-data`` throughput against an endpoint that answers after a fixed delay (no model).
 
-For each concurrency it prints records/s, the ideal ``concurrency / delay`` and their ratio (goal:
-at least 90% up to 128), and the client's CPU time per record (goal: under 2 ms), measured with
-``time.process_time`` around ``gen_data`` in this process; the server runs in its own process.
+    python bench/gen_data.py [--delay 0.2] [--concurrency 1 8 32 128] [--seconds 4] [--min-records 40]
 
-    python bench/gen_data.py [--delay 0.2] [--concurrency 1 8 32 128] [--seconds 4]
+The server is a bare ASGI app on uvicorn in its own process; it reads the request, waits ``--delay``
+and answers a fixed chat completion. Each row is one ``gen_data`` call in this process (imports and a
+warm-up run done before) with ``max(--min-records, concurrency / delay * --seconds)`` prompts, and
+prints:
+
+- records/s, the ideal ``concurrency / delay`` and their ratio (goal: at least 90% up to 128);
+- client CPU ms per record: this process's user + system time (``getrusage``) over the call, divided
+  by the records (goal: under 2 ms), then user and system apart; "client %" and "server %" are
+  each process's CPU time over the wall time (100% = one core busy), which shows which one, if
+  either, ran out of CPU (the server's read from /proc, "-" where there is none);
+- "bare ms/req": the CPU per request of the same clients (``make_clients``, made before the clock
+  starts) posting one request over and over at the same concurrency, no gen-data around them: the
+  floor that the openai client and its HTTP stack set; ``--no-bare`` skips it;
+- the 1-minute load average after the row (this process and the server count in it).
+
+Before the table it prints the CPU, the fixed CPU cost of one ``gen_data`` call (a rerun that finds
+every record done: clients, TLS context, prompts, output), which each row's figure includes, and the
+load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -60,43 +78,116 @@ def wait_for(port: int, timeout: float = 30.0) -> None:
     raise SystemExit(f"the delay server on port {port} did not start")
 
 
+def cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_of(pid: int) -> float | None:
+    """User + system seconds of another process, from /proc (None where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bare(cfg, n: int) -> float:
+    """CPU seconds of ``n`` requests posted by gen-data's clients in a plain loop, ``cfg.concurrency`` at once."""
+    from kdtrain.gendata import make_clients, sampling_params
+
+    body = {"model": cfg.model, "messages": [{"role": "user", "content": "bench prompt 0"}],
+            **sampling_params(cfg, 0)}
+
+    async def main():
+        clients = make_clients(cfg, None)
+        left = [n]
+
+        async def worker(client):
+            while left[0] > 0:
+                left[0] -= 1
+                await client.post("/chat/completions", cast_to=bytes, body=body)
+
+        cpu0 = cpu_self()
+        await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(cfg.concurrency)))
+        cpu = cpu_self() - cpu0
+        for client in clients:
+            await client.close()
+        return cpu
+
+    return asyncio.run(main())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delay", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--seconds", type=float, default=4.0, help="ideal duration of each run")
+    ap.add_argument("--min-records", type=int, default=40, help="records of a run at least")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare-client column")
     ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve is not None:
         return serve(a.serve, a.delay)
 
-    import openai  # noqa: F401 - imported before the clock starts, as in a long run
-    import tqdm  # noqa: F401
+    import openai
+    import tqdm  # noqa: F401 - imported before the clock starts, as in a long run
 
+    from kdtrain import gendata
     from kdtrain.gendata import GenConfig, gen_data
 
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay", str(a.delay)])
     try:
         wait_for(port)
-        print(f"delay {a.delay * 1000:.0f} ms, {os.cpu_count()} CPUs")
-        print(f"{'concurrency':>11} {'records':>8} {'records/s':>10} {'ideal':>8} {'ratio':>6} "
-              f"{'client CPU ms/rec':>18} {'retries':>8}")
-        with tempfile.TemporaryDirectory() as tmp:
-            for c in a.concurrency:
-                n = max(10, round(c / a.delay * a.seconds))
-                prompts = Path(tmp) / f"p{c}.txt"
+        with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
+            def run(cfg: GenConfig) -> dict:
+                with contextlib.redirect_stderr(quiet):  # the progress bar
+                    return gen_data(cfg)
+
+            def config(name: str, n: int, c: int) -> GenConfig:
+                prompts = Path(tmp) / f"{name}.txt"
                 prompts.write_text("".join(f"bench prompt {i}\n" for i in range(n)), encoding="utf-8")
-                cfg = GenConfig(prompts=[str(prompts)], out=f"{tmp}/out{c}.jsonl",
-                                endpoint=f"http://127.0.0.1:{port}/v1",
-                                model="bench", total=n, concurrency=c, max_tokens=16, cache_dir=f"{tmp}/cache{c}")
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                s = gen_data(cfg)
-                cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-                assert s["records"] == n, s
+                return GenConfig(prompts=[str(prompts)], out=f"{tmp}/{name}.jsonl", endpoint=f"http://127.0.0.1:{port}/v1",
+                                 model="bench", total=n, concurrency=c, max_tokens=16, cache_dir=f"{tmp}/cache-{name}")
+
+            warm = config("warm", 16, 8)
+            run(warm)  # imports and first-use costs
+            cpu0 = cpu_self()
+            run(warm)  # every record done: only the fixed cost of a call
+            fixed = cpu_self() - cpu0
+            print(f"{cpu_name()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, openai {openai.__version__} "
+                  f"({gendata._http_module().__name__}), {gendata.CLIENT_REQUESTS} requests per client")
+            print(f"delay {a.delay * 1000:.0f} ms; fixed CPU per gen_data call {fixed * 1000:.0f} ms (included below); "
+                  f"load average {os.getloadavg()[0]:.2f}")
+            head = (f"{'concurrency':>11} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "
+                    f"{'user':>5} {'sys':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'load':>5}")
+            print(head, flush=True)
+            for c in a.concurrency:
+                n = max(a.min_records, round(c / a.delay * a.seconds))
+                cfg = config(f"c{c}", n, c)
+                r0, srv0, t0 = resource.getrusage(resource.RUSAGE_SELF), cpu_of(server.pid), time.perf_counter()
+                s = run(cfg)
+                wall = time.perf_counter() - t0
+                r1, srv1 = resource.getrusage(resource.RUSAGE_SELF), cpu_of(server.pid)
+                assert s["records"] == n and s["requests"] == n, s
+                user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+                srv = f"{(srv1 - srv0) / wall:.0%}" if srv0 is not None and srv1 is not None else "-"
+                floor = "-" if a.no_bare else f"{bare(cfg, n) / n * 1000:.2f}"
                 ideal = c / a.delay
-                print(f"{c:>11} {n:>8} {n / wall:>10.1f} {ideal:>8.1f} {n / wall / ideal:>6.1%} "
-                      f"{cpu / n * 1000:>18.2f} {s['retries']:>8}", flush=True)
+                print(f"{c:>11} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} {n / wall / ideal:>6.1%} "
+                      f"{(user + system) / n * 1000:>10.2f} {user / n * 1000:>5.2f} {system / n * 1000:>5.2f} "
+                      f"{(user + system) / wall:>8.0%} {srv:>8} {floor:>11} {os.getloadavg()[0]:>5.2f}", flush=True)
     finally:
         server.terminate()
         server.wait()
