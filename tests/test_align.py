@@ -130,7 +130,7 @@ PARTIAL = [{"token": "\\xf0\\x9f", "bytes": [240, 159], "logprob": -0.5,  # Open
 
 def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list():
     """Each distinct (token, bytes) once in 'vocab' (the string alone where its UTF-8 is the bytes),
-    indices as little-endian uint32 and log-probs as little-endian float64, in hex; read back with
+    indices as little-endian uint16 and log-probs as little-endian float64, in hex; read back with
     struct, not with the module's own decoding."""
     packed = align.pack_api_logprobs(PARTIAL)
     assert packed["k"] == 3
@@ -138,8 +138,8 @@ def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list
                                ["\ufffd", [152, 128]], " the", ["<|end|>", []], "\u00e9", ["\ud800", [63]]]
     hexed = lambda name, fmt: list(struct.unpack(f"<{len(packed[name]) // (2 * struct.calcsize(fmt))}{fmt}",
                                                  bytes.fromhex(packed[name])))
-    assert hexed("token", "I") == [0, 3, 4]
-    assert hexed("top_token", "I") == [0, 1, 2, 3, 4, 5, 4, 6, 7]
+    assert hexed("token", "H") == [0, 3, 4]
+    assert hexed("top_token", "H") == [0, 1, 2, 3, 4, 5, 4, 6, 7]
     assert hexed("logprob", "d") == [-0.5, -0.25, -1e-07]
     assert hexed("top_logprob", "d") == [-0.5, -1.5, -2.0, -0.25, -3.0, -9999.0, -1e-07, -17.25, -20.0]
     again = json.loads(json.dumps(packed))
@@ -154,8 +154,9 @@ def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list
     (lambda p: p.update(top_logprob="zz"), r"packed field 'top_logprob' must be a string of hex digits", None),
     (lambda p: p.update(token=None), r"packed field 'token' must be a string of hex digits", None),
     (lambda p: p.update(logprob=p["logprob"][:-2]), r"'logprob' holds 23 bytes, not a whole number of 8-byte", None),
-    (lambda p: p.update(top_token=p["top_token"][:-8]), r"hold 8 and 9 values for 3 tokens of k = 3: K .* must not vary",
-     None),
+    (lambda p: p.update(top_token=p["top_token"][:-4]), r"'token' and 'top_token' hold 3 and 8 2-byte indices \(8 tokens "
+                                                        r"in 'vocab'\) for 3 tokens of K = 3", None),
+    (lambda p: p.update(top_logprob=p["top_logprob"][:-16]), r"hold 3 and 8 values: K = 3 .*K must not vary", None),
     (lambda p: _set_column(p, "token", 1, 8), r"token 1 refers to a token beyond the 8 of 'vocab'", 1),
     (lambda p: _set_column(p, "top_token", 7, 99), r"token 2 refers to a token beyond", 2),
     (lambda p: _set_column(p, "top_logprob", 3, 0.5), r"token 1 has positive 'top_logprobs\[\]\.logprob' 0.5", 1),
@@ -174,7 +175,7 @@ def test_packed_form_errors_name_the_token(edit, expect, position):
 
 
 def _set_column(packed: dict, name: str, i: int, value) -> None:
-    dtype = "<u4" if name.endswith("token") else "<f8"
+    dtype = "<u2" if name.endswith("token") else "<f8"
     column = np.frombuffer(bytes.fromhex(packed[name]), dtype).copy()
     column[i] = value
     packed[name] = column.tobytes().hex()
@@ -386,3 +387,15 @@ def test_line_encoder_only_for_sentencepiece_style_bpe(toy_pair):
     from kdtrain.tokenizer import load_tokenizer
 
     assert align.line_encoder(load_tokenizer(toy_pair["tokenizer"])) is None  # byte-level BPE: encoded whole
+
+
+def test_indices_widen_past_65536_tokens():
+    """uint16 indices hold 65,536 distinct tokens; one more and they are uint32."""
+    for n, width in ((1 << 16, 2), ((1 << 16) + 1, 4)):
+        content = [{"token": f"t{i}", "bytes": list(f"t{i}".encode()), "logprob": -0.5,
+                    "top_logprobs": [{"token": f"t{i}", "bytes": list(f"t{i}".encode()), "logprob": -0.5}]}
+                   for i in range(n)]
+        packed = align.pack_api_logprobs(content)
+        assert len(packed["vocab"]) == n and len(packed["top_token"]) == 2 * width * n
+        api = align.parse_api_logprobs(packed)
+        assert api.token[-1] == api.top[-1, 0] == n - 1

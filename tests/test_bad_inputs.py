@@ -180,6 +180,33 @@ def test_any_json_in_any_field_loads_or_is_a_data_error(tmp_path, tokenizer, fie
         assert f"file {path}, line 1" in str(e) or "has no records" in str(e)
 
 
+# ---- an endpoint's packed log-probs (kdtrain annotate; its file/line wrapping is tested in test_annotate.py) ----
+
+PACKED_TEXT = "It is 4."
+PACKED_CONTENT = [{"token": t, "bytes": list(t.encode()), "logprob": -0.1,
+                   "top_logprobs": [{"token": t, "bytes": list(t.encode()), "logprob": -0.1},
+                                    {"token": "\u00e9", "bytes": [195, 169], "logprob": -3.0}]}
+                  for t in ("It", " is", " 4", ".")]
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["k", "vocab", "token", "logprob", "top_token", "top_logprob", "vocab.0", "vocab.1"]),
+       value=JSON_VALUES | st.text("0123456789abcdefABCDEF ", max_size=40))
+def test_any_json_in_a_packed_field_aligns_or_is_an_align_error(tokenizer, field, value):
+    """Any value in any field of the packed form (hex-looking text included): rows, or AlignError, which
+    annotate names with file, line and position; never another exception."""
+    from kdtrain import align
+
+    rec = _set({"p": align.pack_api_logprobs(PACKED_CONTENT)}, "p." + field, value)["p"]
+    ids = tokenizer.encode(PACKED_TEXT, add_special_tokens=False) + [tokenizer.eos_token_id]
+    try:
+        rows = align.align_api(align.parse_api_logprobs(rec), PACKED_TEXT, ids, align.vocab_bytes(tokenizer), 2)
+    except align.AlignError as e:
+        assert e.position is None or 0 <= e.position < 4
+    else:
+        assert len(rows.ids) == len(ids)
+
+
 # ---- config ----
 
 def _float_or_int_keys():

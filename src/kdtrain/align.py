@@ -51,7 +51,7 @@ import torch
 
 TAIL_FLOOR = 1e-7  # the smallest tail mass a filled row keeps (the loss floors its tail the same way)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_INDEX, _FLOAT = np.dtype("<u4"), np.dtype("<f8")  # the packed columns' values
+_FLOAT = np.dtype("<f8")  # the packed log-probs
 
 
 class AlignError(ValueError):
@@ -96,7 +96,7 @@ class TokenTable:
     def numbers(self, keys: list) -> np.ndarray:
         """The numbers of ``keys`` (str or bytes), adding the new ones; -2 for a string that is no
         UTF-8 text (a lone surrogate)."""
-        out = np.fromiter(map(self.index.get, keys, repeat(-1)), np.int64, len(keys))
+        out = np.array(list(map(self.index.get, keys, repeat(-1))), dtype=np.int64)
         new = np.flatnonzero(out == -1)
         if len(new):
             if len(self.pieces) + len(new) > len(self.sid):  # room by doubling
@@ -362,8 +362,8 @@ def pack_api_logprobs(content) -> dict:
     ``vocab`` lists each distinct (token, bytes) once, in order of first use: the token string
     where its UTF-8 is the bytes, else ``[token, bytes]`` (a token that is part of a character,
     which endpoints render in their own ways). ``token`` ([n]) and ``top_token`` ([n, K], row by
-    row) are indices into it, little-endian uint32; ``logprob`` ([n]) and ``top_logprob`` ([n, K])
-    are little-endian float64. All hex. Lossless for those four fields (``unpack_api_logprobs``
+    row) are indices into it, little-endian uint16 (uint32 when it has more than 65,536 entries);
+    ``logprob`` ([n]) and ``top_logprob`` ([n, K]) are little-endian float64. All hex. Lossless for those four fields (``unpack_api_logprobs``
     gives them back); other keys an endpoint may add are not kept. Values are not judged here
     (``parse_api_logprobs`` does); raises AlignError (position = token index) for what the form
     cannot hold: no list of per-token objects, bytes that are not a list of 0..255, a log-prob that
@@ -408,12 +408,20 @@ def pack_api_logprobs(content) -> dict:
         token.append(intern(e, j, ""))
         logprob.append(_number(e, j, "logprob"))
         for a in alts:
-            if a.__class__ is not dict:
-                raise AlignError(f"token {j} has a top_logprobs entry that is not an object", j)
-            top_token.append(intern(a, j, "top_logprobs[]."))
-            top_logprob.append(_number(a, j, "top_logprobs[].logprob"))
-    return {"k": K, "vocab": vocab, "token": _hex(token, _INDEX), "logprob": _hex(logprob, _FLOAT),
-            "top_token": _hex(top_token, _INDEX), "top_logprob": _hex(top_logprob, _FLOAT)}
+            try:  # the common case inline: a token string met before with the same bytes, a float
+                i, b = seen[a["token"]]
+                v = a["logprob"]
+                if b != a["bytes"] or v.__class__ is not float:
+                    raise KeyError
+            except (KeyError, TypeError):  # anything else goes through the checks
+                if a.__class__ is not dict:
+                    raise AlignError(f"token {j} has a top_logprobs entry that is not an object", j) from None
+                i, v = intern(a, j, "top_logprobs[]."), _number(a, j, "top_logprobs[].logprob")
+            top_token.append(i)
+            top_logprob.append(v)
+    width = _index_type(len(vocab))
+    return {"k": K, "vocab": vocab, "token": _hex(token, width), "logprob": _hex(logprob, _FLOAT),
+            "top_token": _hex(top_token, width), "top_logprob": _hex(top_logprob, _FLOAT)}
 
 
 def unpack_api_logprobs(packed: dict) -> list[dict]:
@@ -430,6 +438,10 @@ def _utf8(s: str) -> bytes | None:
         return s.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate
         return None
+
+
+def _index_type(tokens: int) -> np.dtype:
+    return np.dtype("<u2" if tokens <= 1 << 16 else "<u4")
 
 
 def _hex(values: list, dtype: np.dtype) -> str:
@@ -475,15 +487,16 @@ def _columns(packed: dict):
         raise AlignError(f"packed field 'k' must be the number of alternatives per token (>= 1), got {K!r:.40}")
     if vocab.__class__ is not list or not vocab:
         raise AlignError("packed field 'vocab' must be a non-empty list of tokens")
-    token, logprob = _unhex(packed, "token", _INDEX), _unhex(packed, "logprob", _FLOAT)
-    top, top_lp = _unhex(packed, "top_token", _INDEX), _unhex(packed, "top_logprob", _FLOAT)
+    logprob, top_lp = _unhex(packed, "logprob", _FLOAT), _unhex(packed, "top_logprob", _FLOAT)
     n = len(logprob)
-    if not n or len(token) != n:
-        raise AlignError(f"packed fields 'token' and 'logprob' hold {len(token)} and {n} values: one per token, "
-                         "at least one")
-    if len(top) != n * K or len(top_lp) != n * K:
-        raise AlignError(f"packed fields 'top_token' and 'top_logprob' hold {len(top)} and {len(top_lp)} values "
-                         f"for {n} tokens of k = {K}: K alternatives per token (K must not vary)")
+    if not n or len(top_lp) != n * K:
+        raise AlignError(f"packed fields 'logprob' and 'top_logprob' hold {n} and {len(top_lp)} values: "
+                         f"K = {K} alternatives per token (K must not vary), at least one token")
+    width = _index_type(len(vocab))
+    token, top = _unhex(packed, "token", width), _unhex(packed, "top_token", width)
+    if len(token) != n or len(top) != n * K:
+        raise AlignError(f"packed fields 'token' and 'top_token' hold {len(token)} and {len(top)} {width.itemsize}-byte "
+                         f"indices ({len(vocab)} tokens in 'vocab') for {n} tokens of K = {K}")
     top, top_lp = top.reshape(n, K), top_lp.reshape(n, K)
     bad = (token >= len(vocab)) | (top >= len(vocab)).any(1)
     if bad.any():
@@ -500,6 +513,7 @@ class ApiLogprobs:
     token: np.ndarray  # [n] the chosen tokens (indices into vocab)
     top: np.ndarray  # [n, K] the alternatives (indices into vocab)
     lp: np.ndarray  # [n, K] their log-probs, float64
+    odd: list[int] = field(default_factory=list)  # the vocab entries that are [token, bytes]
 
     def first_use(self, i: int) -> int | None:
         """The first token position that names vocab entry ``i``."""
@@ -520,7 +534,9 @@ def parse_api_logprobs(value) -> ApiLogprobs:
     _, vocab, token, logprob, top, top_lp = _columns(value)
     _check_logprobs(logprob, top_lp)
     api = ApiLogprobs(vocab, token, top, top_lp)
-    for i in [i for i, e in enumerate(vocab) if e.__class__ is not str]:
+    if set(map(type, vocab)) != {str}:  # [token, bytes] entries (a pass in C where there are none)
+        api.odd = [i for i, e in enumerate(vocab) if e.__class__ is not str]
+    for i in api.odd:
         if _entry_bytes(vocab[i]) is None:
             j = api.first_use(i)
             raise AlignError(f"token {j} has a token that is neither a string nor [token, bytes 0..255]: "
@@ -566,11 +582,11 @@ def _value(v: np.float64, j: int, name: str) -> None:
 def _lookup(api: ApiLogprobs, table: TokenTable) -> np.ndarray:
     """[D] ``table``'s numbers of ``api``'s tokens."""
     keys = api.vocab
-    try:
-        out = table.numbers(keys)
-    except TypeError:  # a [token, bytes] entry (a list: no key): by its bytes
-        keys = [e if e.__class__ is str else _entry_bytes(e) for e in keys]
-        out = table.numbers(keys)
+    if api.odd:  # [token, bytes] entries are keyed by their bytes
+        keys = list(keys)
+        for i in api.odd:
+            keys[i] = _entry_bytes(keys[i])
+    out = table.numbers(keys)
     if (out == -2).any():
         i = int((out == -2).argmax())
         j = api.first_use(i)
