@@ -8,14 +8,20 @@ Text: 1,000-student-token slices of the Markdown, reStructuredText and text file
 this environment's site-packages (English prose, code, tables; seeded choice).
 
 Speed: ``--records`` endpoint records of about ``--tokens`` student tokens, each with Tekken's
-tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, one thread. Timed as the
-alignment: the student's tokenization, ``parse_api_logprobs`` and ``align_api``; decoding each
-record's JSON line, and freeing the record after, are timed apart. ``--distinct`` records are kept
-as JSON lines and cycled, each decoded afresh just before it is aligned, as a reader streaming the
-file does: decoded, 10,000 records of 1,000 x 20 alternatives would take some 80 GB (7.7 MB each).
-The alternatives are the chosen token and then distinct Tekken tokens drawn by their frequency in
-the texts, as a model's top alternatives are mostly common tokens (uniform draws from Tekken's
-131,072 would make most of them long rare tokens that no student piece spells).
+tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, in the packed form that
+gen-data writes (``--form list``: the endpoint's own list of objects, as older files hold), one
+thread. Timed, in CPU seconds, as ``kdtrain annotate`` does the work: decoding each record's JSON
+line (and freeing the record after), the student's tokenization (``Vocab.encode``, the ids of
+``tokenizer.encode``), ``parse_api_logprobs`` and ``align_api``; encoding the output line's rows
+as JSON is timed apart. ``--distinct`` records are kept as JSON lines and cycled, each decoded
+afresh just before it is aligned, as a reader streaming the file does. The student tokenizer's
+BPE cache is emptied before each record (outside the timing), so lines of the cycled texts do not
+hit it from earlier records; the cache of teacher token strings -> student ids (``Vocab.by_text``)
+is kept, as in a run, where it fills once per distinct teacher token (at most the teacher's
+vocabulary: well under a second in all). The alternatives are the chosen token and then distinct
+Tekken tokens drawn by their frequency in the texts, as a model's top alternatives are mostly
+common tokens (uniform draws from Tekken's 131,072 would make most of them long rare tokens that
+no student piece spells).
 
 Coverage: the fraction of the student's text positions whose token spans exactly one teacher
 token. Mapped mass needs a teacher's distribution: for the toy pair it is measured with its
@@ -23,7 +29,7 @@ fitted teacher (``annotate``); for Tekken, whose model is not available offline,
 the share of Tekken tokens in the text (the teacher's own choices) that are exactly one student
 piece, and the share of Tekken's vocabulary that is.
 
-    python bench/align_speed.py [--records 10000 --tokens 1000 --k 20 --distinct 50]
+    python bench/align_speed.py [--records 10000 --tokens 1000 --k 20 --distinct 50 --form packed|list]
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--distinct", type=int, default=50)
+    ap.add_argument("--form", choices=("packed", "list"), default="packed")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from kdtrain.tokenizer import build_toy_tokenizer, load_tokenizer
@@ -142,40 +149,50 @@ def main() -> None:
 
     # ---- speed: records x tokens with K alternatives, one core ----
     rng = random.Random(0)
-    lines = [json.dumps({"teacher_text": text, "teacher_api_logprobs": api_entries(
-        tk.encode(text, bos=False, eos=False), t_pieces, a.k, occ, rng)}) for text in texts]
-    cpu = [0.0] * 4  # CPU seconds (steadier than wall time on a shared machine): JSON, tokenize, parse, align
+    lines = []
+    for text in texts:
+        api = api_entries(tk.encode(text, bos=False, eos=False), t_pieces, a.k, occ, rng)
+        lines.append(json.dumps({"teacher_text": text, "teacher_api_logprobs":
+                                 align.pack_api_logprobs(api) if a.form == "packed" else api}))
+    bpe = student.backend_tokenizer.model
+    eos = student.eos_token_id
+    encode = s_vocab.encode or (lambda text: student.encode(text, add_special_tokens=False))  # noqa: E731
+    cpu = [0.0] * 5  # CPU seconds (steadier than wall time on a shared machine): JSON, tokenize, parse, align, output
     gc.freeze()  # the bench's own data (tokenizers, corpus) out of the collector's walks, which cost more than aligning
     positions = aligned = 0
     listed = mapped = 0.0
     wall = time.perf_counter()
     for r in range(a.records):
+        bpe._clear_cache()
         t0 = time.process_time()
         rec = json.loads(lines[r % len(lines)])
         t1 = time.process_time()
         text = rec["teacher_text"]
-        ids = student.encode(text, add_special_tokens=False) + [student.eos_token_id]
+        ids = encode(text) + [eos]
         t2 = time.process_time()
-        pieces, tops, lp = align.parse_api_logprobs(rec["teacher_api_logprobs"])
+        api = align.parse_api_logprobs(rec["teacher_api_logprobs"])
         t3 = time.process_time()
-        rows = align.align_api(pieces, tops, lp, text, ids, s_vocab, a.k)
+        rows = align.align_api(api, text, ids, s_vocab, a.k)
         t4 = time.process_time()
+        json.dumps({"response_ids": ids, "teacher_topk": {"ids": rows.ids, "logprobs": rows.logprobs}})
+        t5 = time.process_time()
         positions, aligned = positions + len(ids), aligned + rows.aligned
         listed, mapped = listed + rows.listed_mass, mapped + rows.mapped_mass
-        t5 = time.process_time()
-        del rec, pieces, tops, lp, rows  # freeing the decoded record goes with its decoding, not the next parse
-        for i, dt in enumerate((t1 - t0 + time.process_time() - t5, t2 - t1, t3 - t2, t4 - t3)):
+        t6 = time.process_time()
+        del rec, api, rows  # freeing the decoded record goes with its decoding, not the next parse
+        for i, dt in enumerate((t1 - t0 + time.process_time() - t6, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             cpu[i] += dt
     wall = time.perf_counter() - wall
     per_k = [t / a.records * 1e3 for t in cpu]  # seconds per 1,000 records
-    total = sum(per_k[1:])
-    print(f"{a.records:,} records, {positions:,} student tokens, K={a.k}; {aligned / positions:.1%} of positions "
-          f"aligned, {mapped / listed:.1%} of the listed mass mapped")
-    print(f"alignment on one core: {total:.1f} s CPU per 1,000 records (student tokenization {per_k[1]:.1f}, parse "
-          f"{per_k[2]:.1f}, align {per_k[3]:.1f}), {total * 10:.0f} s for 10,000; {positions / sum(cpu[1:]) / 1e3:.1f}k "
-          f"tokens/s")
-    print(f"JSON decoding of the records, apart: {per_k[0]:.1f} s CPU per 1,000; {wall:.1f} s wall in all")
-
+    total = sum(per_k[:4])
+    print(f"{a.records:,} records ({a.form} form, {sum(map(len, lines)) / len(lines) / 1e3:.0f} kB a line), "
+          f"{positions:,} student tokens, K={a.k}; {aligned / positions:.1%} of positions aligned, "
+          f"{mapped / listed:.1%} of the listed mass mapped")
+    print(f"on one core, CPU s per 1,000 records: {total:.1f} (JSON decoding {per_k[0]:.1f}, student tokenization "
+          f"{per_k[1]:.1f}, parse {per_k[2]:.1f}, align {per_k[3]:.1f}); {total * 10:.0f} s for 10,000; "
+          f"{positions / sum(cpu[:4]) / 1e3:.1f}k tokens/s")
+    print(f"apart: the rows as annotate's output JSON {per_k[4]:.1f} s CPU per 1,000; {wall:.1f} s wall in all; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()
