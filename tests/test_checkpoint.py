@@ -12,11 +12,11 @@ from kdtrain.trainer import Trainer
 
 
 @pytest.mark.smoke
-def test_round_trip_gives_identical_logits_and_optimizer_state(toy_cfg):
-    trainer = Trainer(toy_cfg, log=False)
+def test_round_trip_gives_identical_logits_and_optimizer_state(toy_cfg, tokenizer):
+    trainer = Trainer(toy_cfg, log=False, tokenizer=tokenizer)
     trainer.train_step(trainer.micro_batches(64))
     path = trainer.save()
-    resumed = Trainer(toy_cfg, resume=True, log=False)
+    resumed = Trainer(toy_cfg, resume=True, log=False, tokenizer=tokenizer)
     ids = trainer.micro_batches(64)[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(trainer.student(input_ids=ids).logits, resumed.student(input_ids=ids).logits)

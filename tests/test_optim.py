@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdtrain.config import ConfigError, OptimizerConfig, load_config
+from kdtrain.distributed import cpu_fsdp_supported  # noqa: F401 (the skip conditions' strings call it)
 from kdtrain.optim import STATE_BYTES, build_optimizer, current_lr, set_lr
 
 torchao_optim = pytest.importorskip("torchao.optim", reason="optimizer.state_dtype 8bit/4bit need kdtrain[lowbit]")
@@ -185,7 +186,7 @@ print("EQUAL", rank)
 """
 
 
-@pytest.mark.skipif(not __import__("kdtrain.distributed").distributed.cpu_fsdp_supported(),
+@pytest.mark.skipif("not cpu_fsdp_supported()",
                     reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
 def test_local_shard_step_equals_torchaos_step_on_fsdp2_shards(tmp_path):
     """On two processes' FSDP2 shards, the step on local tensors gives torchao's DTensor step's
@@ -213,7 +214,7 @@ sys.exit(main())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("kdtrain.distributed").distributed.cpu_fsdp_supported(),
+@pytest.mark.skipif("not cpu_fsdp_supported()",
                     reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
 def test_sharded_low_bit_state_resumes_on_another_world_size(toy, tmp_path):
     """8-bit moments of FSDP2 shards go into the DCP checkpoint written by 2 CPU processes and

@@ -22,8 +22,8 @@ def _weights(trainer):
 
 
 @pytest.mark.smoke
-def test_train_step_gives_finite_gradients_and_moves_every_weight(toy_cfg):
-    trainer = Trainer(toy_cfg, log=False)
+def test_train_step_gives_finite_gradients_and_moves_every_weight(toy_cfg, tokenizer):
+    trainer = Trainer(toy_cfg, log=False, tokenizer=tokenizer)
     before = _weights(trainer)
     trainer.forward_backward(trainer.micro_batches(64))
     params = [(n, p) for n, p in trainer.student.named_parameters() if p.requires_grad]
@@ -35,7 +35,7 @@ def test_train_step_gives_finite_gradients_and_moves_every_weight(toy_cfg):
 
 
 @pytest.mark.smoke
-def test_first_losses_are_pinned(make_cfg):
+def test_first_losses_are_pinned(make_cfg, tokenizer):
     """Any diff that moves these numbers is changing the objective (fixed seed, fp32, CPU).
 
     The toy artifacts are the same bytes on any CPU (float64 fit and init, see kdtrain.toy), so
@@ -43,7 +43,7 @@ def test_first_losses_are_pinned(make_cfg):
     against ATEN_CPU_CAPABILITY=default), well inside 1e-5. Independent anchor: the first row's
     ce_teacher equals a plain Hugging Face forward's cross-entropy on the same batch.
     """
-    trainer = Trainer(make_cfg("train.steps=3", "io.val_shards=[]"), log=False)
+    trainer = Trainer(make_cfg("train.steps=3", "io.val_shards=[]"), log=False, tokenizer=tokenizer)
     batch = trainer.micro_batches(64)[0]
     trainer.sampler.position = 0  # fit() draws the same first batch again
     with torch.no_grad():
@@ -109,11 +109,16 @@ def _grads(trainer) -> list[torch.Tensor]:
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.student.parameters()]
 
 
+def test_a_given_tokenizer_must_match_the_vocabulary(make_cfg, tokenizer):
+    with pytest.raises(ConfigError, match="32000 tokens but arch.vocab_size is 32064"):
+        Trainer(make_cfg("arch.vocab_size=32064"), log=False, tokenizer=tokenizer)
+
+
 @pytest.mark.smoke
-def test_gradients_are_zeroed_between_optimizer_steps(toy_cfg):
+def test_gradients_are_zeroed_between_optimizer_steps(toy_cfg, tokenizer):
     """Step 2's gradients are its own: none are left after step 1, and its backward gives the
     same gradients as the same backward from an explicitly cleared state."""
-    trainer = Trainer(toy_cfg, log=False)
+    trainer = Trainer(toy_cfg, log=False, tokenizer=tokenizer)
     trainer.train_step(trainer.micro_batches(64))
     assert all(p.grad is None or not p.grad.any() for p in trainer.student.parameters())
     batches = trainer.micro_batches(64)
@@ -126,11 +131,11 @@ def test_gradients_are_zeroed_between_optimizer_steps(toy_cfg):
 
 
 @pytest.mark.smoke
-def test_learning_rate_advances_per_optimizer_step_not_per_micro_batch(make_cfg):
+def test_learning_rate_advances_per_optimizer_step_not_per_micro_batch(make_cfg, tokenizer):
     """With 3 warmup steps the optimizer steps run at lr/3 and 2lr/3 (linear warmup), whatever
     the number of micro-batches per step (here 2)."""
     trainer = Trainer(make_cfg("train.micro_batch_size=1", "train.grad_accum=2", "optimizer.warmup_steps=3",
-                               "train.steps=4"), log=False)
+                               "train.steps=4"), log=False, tokenizer=tokenizer)
     seen = []
     trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(float(opt.param_groups[0]["lr"])))
     for _ in range(2):
@@ -140,10 +145,10 @@ def test_learning_rate_advances_per_optimizer_step_not_per_micro_batch(make_cfg)
 
 
 @pytest.mark.smoke
-def test_accumulation_normalises_by_the_step_token_count_not_per_micro_batch(make_cfg):
+def test_accumulation_normalises_by_the_step_token_count_not_per_micro_batch(make_cfg, tokenizer):
     """Two rows of different lengths as 2 micro-batches of 1 give the losses and gradients of the
     same rows as 1 micro-batch of 2 (a mean of per-micro-batch means would weight them apart)."""
-    trainer = Trainer(make_cfg("train.micro_batch_size=1", "train.grad_accum=2"), log=False)
+    trainer = Trainer(make_cfg("train.micro_batch_size=1", "train.grad_accum=2"), log=False, tokenizer=tokenizer)
     two = trainer.micro_batches(64)
     assert int((two[0]["labels"] != -100).sum()) != int((two[1]["labels"] != -100).sum())  # else no test
     idx = Sampler(len(trainer.train_data), trainer.cfg.train.seed).take(2)
@@ -161,13 +166,13 @@ def test_accumulation_normalises_by_the_step_token_count_not_per_micro_batch(mak
 
 
 @pytest.mark.smoke
-def test_resume_restores_the_data_position(make_cfg):
+def test_resume_restores_the_data_position(make_cfg, tokenizer):
     """After one step of 2 samples (micro_batch_size 2, no accumulation) the resumed run reads
     from position 2: the same next batch as the run that never stopped."""
-    first = Trainer(make_cfg("train.steps=2"), log=False)
+    first = Trainer(make_cfg("train.steps=2"), log=False, tokenizer=tokenizer)
     first.train_step(first.micro_batches(64))
     first.save()
-    resumed = Trainer(make_cfg("train.steps=2"), resume=True, log=False)
+    resumed = Trainer(make_cfg("train.steps=2"), resume=True, log=False, tokenizer=tokenizer)
     assert resumed.sampler.position == 2
     assert torch.equal(resumed.micro_batches(64)[0]["input_ids"], first.micro_batches(64)[0]["input_ids"])
 

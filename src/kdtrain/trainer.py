@@ -94,7 +94,9 @@ def check_paths(cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, log: bool = True):
+    def __init__(self, cfg: Config, resume: bool = False, log: bool = True, tokenizer=None):
+        """``tokenizer``: one already loaded from ``io.tokenizer_path`` (a notebook's, a test session's),
+        used instead of loading that directory again; its size is checked all the same."""
         self.cfg = cfg
         self.dist = dist_utils.setup(cfg)
         self.device = self.dist.device
@@ -113,7 +115,12 @@ class Trainer:
             raise ConfigError(f"io.output_dir {self.run_dir} already holds checkpoints (latest {latest.name}); pass "
                               "--resume to continue that run, or choose a new io.output_dir to start another.")
 
-        self.tokenizer = load_tokenizer(cfg.io.tokenizer_path, cfg.arch.vocab_size if not cfg.init.base_checkpoint else None)
+        vocab = cfg.arch.vocab_size if not cfg.init.base_checkpoint else None
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.io.tokenizer_path, vocab)
+        elif vocab is not None and len(tokenizer) != vocab:
+            raise ConfigError(f"the tokenizer given has {len(tokenizer)} tokens but arch.vocab_size is {vocab}.")
+        self.tokenizer = tokenizer
         vocab = len(self.tokenizer)
         L = max(t.seq_lengths)
         self.train_data = load_dataset(cfg.io.train_shards, self.tokenizer, vocab, L)
