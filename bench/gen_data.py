@@ -15,6 +15,8 @@ prints:
 - "bare ms/req": the CPU per request of the same clients (``make_clients``, made before the clock
   starts) posting one request over and over at the same concurrency, no gen-data around them: the
   floor that the openai client and its HTTP stack set; ``--no-bare`` skips it;
+- "own ms/rec": the CPU per record of the same ``gen_data`` call with clients that answer at once
+  without HTTP (``Stub``): gen-data's own work (plan, cache, output, bookkeeping);
 - the 1-minute load average after the row (this process and the server count in it).
 
 Before the table it prints the CPU, the fixed CPU cost of one ``gen_data`` call (a rerun that finds
@@ -128,6 +130,30 @@ def bare(cfg, n: int) -> float:
     return asyncio.run(main())
 
 
+class Stub:
+    """A client that answers REPLY at once: gen-data's own work per record, without HTTP."""
+
+    async def post(self, path, cast_to, body):
+        await asyncio.sleep(0)
+        return REPLY
+
+    async def close(self):
+        pass
+
+
+def own(run, cfg) -> float:
+    """CPU seconds of a ``gen_data`` call whose clients are Stubs."""
+    from kdtrain import gendata
+
+    make_clients, gendata.make_clients = gendata.make_clients, lambda cfg, key: [Stub()]
+    try:
+        cpu0 = cpu_self()
+        run(cfg)
+        return cpu_self() - cpu0
+    finally:
+        gendata.make_clients = make_clients
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delay", type=float, default=0.2)
@@ -171,7 +197,7 @@ def main() -> None:
             print(f"delay {a.delay * 1000:.0f} ms; fixed CPU per gen_data call {fixed * 1000:.0f} ms (included below); "
                   f"load average {os.getloadavg()[0]:.2f}")
             head = (f"{'concurrency':>11} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "
-                    f"{'user':>5} {'sys':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'load':>5}")
+                    f"{'user':>5} {'sys':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'own ms/rec':>10} {'load':>5}")
             print(head, flush=True)
             for c in a.concurrency:
                 n = max(a.min_records, round(c / a.delay * a.seconds))
@@ -184,10 +210,11 @@ def main() -> None:
                 user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
                 srv = f"{(srv1 - srv0) / wall:.0%}" if srv0 is not None and srv1 is not None else "-"
                 floor = "-" if a.no_bare else f"{bare(cfg, n) / n * 1000:.2f}"
+                alone = f"{own(run, config(f's{c}', n, c)) / n * 1000:.2f}"
                 ideal = c / a.delay
                 print(f"{c:>11} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} {n / wall / ideal:>6.1%} "
                       f"{(user + system) / n * 1000:>10.2f} {user / n * 1000:>5.2f} {system / n * 1000:>5.2f} "
-                      f"{(user + system) / wall:>8.0%} {srv:>8} {floor:>11} {os.getloadavg()[0]:>5.2f}", flush=True)
+                      f"{(user + system) / wall:>8.0%} {srv:>8} {floor:>11} {alone:>10} {os.getloadavg()[0]:>5.2f}", flush=True)
     finally:
         server.terminate()
         server.wait()
