@@ -6,6 +6,7 @@ connections / 401."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -21,6 +22,7 @@ pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from kdtrain import align  # noqa: E402
 from kdtrain.cli import main  # noqa: E402
 from kdtrain.data import load_dataset  # noqa: E402
 from kdtrain.gendata import Cache, plan, read_prompts  # noqa: E402
@@ -89,6 +91,38 @@ def test_toy_pipeline_serve_gen_data_train(toy_server, tokenizer, tmp_path, make
     rows = Trainer(cfg, log=False).fit()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["ce_teacher"] > 0 for r in rows)
+
+
+def test_endpoint_log_probs_become_a_kl_signal(toy_server, toy, tokenizer, tmp_path, make_cfg, capsys):
+    """The front end to end: gen-data --logprobs from the served toy teacher (packed log-probs) ->
+    annotate without a teacher -> training with kl_div. The toy teacher shares the student's
+    tokenizer, so every response token aligns and each row's first id is the greedy token; the EOS
+    that closes each response has no endpoint log-prob (cut by --max-tokens), so no row."""
+    url, faults = toy_server
+    faults.reset()
+    prompts = _prompts(tmp_path / "prompts.jsonl", 12)
+    out, annotated = tmp_path / "kd.jsonl", tmp_path / "annotated.jsonl"
+    assert main(_gen(url, [prompts], out, 8, "--model", "toy", "--max-tokens", 6, "--temperature", 0,
+                     "--logprobs", 4)) == 0
+    assert all(set(r["teacher_api_logprobs"]) >= {"k", "vocab", "token", "top_token"} for r in _records(out))
+    capsys.readouterr()
+    assert main(["annotate", str(out), str(annotated), "--tokenizer", str(toy["tokenizer"])]) == 0
+    recs = _records(annotated)
+    assert len(recs) == 8
+    aligned = positions = 0
+    for rec in recs:
+        *rows, eos = rec["teacher_topk"]["ids"]
+        assert eos is None and rec["response_ids"][-1] == tokenizer.eos_token_id
+        assert all(row is not None and len(row) == 4 for row in rows)
+        assert [row[0] for row in rows] == rec["response_ids"][:-1]
+        aligned, positions = aligned + len(rows), positions + len(rows) + 1
+    assert f"{aligned}/{positions} response positions aligned" in capsys.readouterr().err
+    cfg = make_cfg(f"io.train_shards=[{annotated}]", "io.val_shards=[]", "train.steps=2", "kd.teacher=topk",
+                   "distillation.kl_weight=1", "distillation.ce_ground_truth_weight=0")
+    from kdtrain.trainer import Trainer
+
+    rows = Trainer(cfg, log=False, tokenizer=tokenizer).fit()
+    assert all(r["kl_div"] > 0 and math.isfinite(r["kl_div"]) for r in rows)
 
 
 def test_prompts_dedup_sources_ids_and_formats(tmp_path):
@@ -245,7 +279,8 @@ def test_temperature_zero_is_deterministic_and_logprobs_have_k_alternatives(toy_
         runs.append({r["id"]: r for r in _records(out)})
     assert {i: r["teacher_text"] for i, r in runs[0].items()} == {i: r["teacher_text"] for i, r in runs[1].items()}
     for rec in runs[0].values():
-        lps = rec["teacher_api_logprobs"]
+        assert rec["teacher_api_logprobs"]["k"] == 3  # the packed form
+        lps = align.unpack_api_logprobs(rec["teacher_api_logprobs"])
         assert len(lps) == rec["metadata"]["usage"]["completion_tokens"] - (rec["metadata"]["finish_reason"] == "stop")
         assert "".join(t["token"] for t in lps).lstrip(" ") == rec["teacher_text"]
         for t in lps:
@@ -492,7 +527,7 @@ def test_system_message_and_jsonl_messages_make_loadable_records(fake_server, tm
                                          {"role": "user", "content": "What is 1 + 1?"}]
     assert recs["p:1:0"]["messages"][0]["content"] == "Be terse."  # a prompt's own system message is kept
     assert "prompt" not in recs["p:0:0"] and recs["p:0:0"]["reference"] == "2"
-    assert len(recs["p:0:0"]["teacher_api_logprobs"]) == len(recs["p:0:0"]["teacher_text"].split())
+    assert len(align.unpack_api_logprobs(recs["p:0:0"]["teacher_api_logprobs"])) == len(recs["p:0:0"]["teacher_text"].split())
     data = load_dataset([out], tokenizer, 32000)
     rendered = tokenizer.decode(data.samples[0].prompt_ids, skip_special_tokens=True)
     assert rendered.startswith("system: ") and "user: " in rendered
