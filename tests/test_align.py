@@ -34,11 +34,13 @@ def _api(pieces, alts, text, student, vocab, k):
     return rows
 
 
-pytestmark = pytest.mark.smoke
+# The hand-worked cases are in the smoke suite; the property tests, the byte-level toy pair and
+# the large tables run in the full suite.
 
 EMOJI = "😀".encode()  # 4 bytes: f0 9f 98 80
 
 
+@pytest.mark.smoke
 def test_one_to_many_splits_in_both_directions_are_not_aligned():
     text = "unbelievable 😀!".encode()
     teacher = [b"un", b"believable", b" ", EMOJI, b"!"]
@@ -52,6 +54,7 @@ def test_one_to_many_splits_in_both_directions_are_not_aligned():
     assert align.match(t[0], t[1], s[0], s[1]) == [0, None, None, None, 4]
 
 
+@pytest.mark.smoke
 def test_runs_of_spaces_newlines_digits_and_partial_utf8():
     text = "a  b\n\n12 é".encode()  # é = c3 a9
     teacher = [b"a", b"  ", b"b", b"\n\n", b"12", b" ", b"\xc3", b"\xa9"]
@@ -63,6 +66,7 @@ def test_runs_of_spaces_newlines_digits_and_partial_utf8():
     assert align.match(s[0], s[1], t[0], t[1]) == [0, None, None, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.smoke
 def test_virtual_space_of_a_dummy_prefix():
     """SentencePiece spells "Hello world" as "▁Hello▁world": the first span starts at byte 0;
     a token of the virtual space alone ("▁" before "12") spans [-1, 0) and matches only its twin."""
@@ -74,6 +78,7 @@ def test_virtual_space_of_a_dummy_prefix():
     assert align.match(s[0], s[1], s[0], s[1]) == [0, 1, 2]
 
 
+@pytest.mark.smoke
 def test_tokens_that_do_not_spell_the_text_name_the_token():
     with pytest.raises(align.AlignError, match=r"token 1 \(b'x'\) at byte 2 where the text has b'c'") as e:
         align.spans([b"ab", b"x"], b"abc")
@@ -103,6 +108,7 @@ def test_match_is_its_definition(text, t, s, prefix):
     assert align.spans([], b"") == ([], [], b"")
 
 
+@pytest.mark.smoke
 def test_parsed_logprobs_keep_every_value_bit_for_bit():
     rows = [[math.log(0.5), math.log(0.25)], [-2, -800.0], [-0.1234567890123, -2.5]]  # an int, an underflow
     entries = [{"bytes": [97 + j], "logprob": row[0], "top_logprobs": [{"bytes": [97], "logprob": v} for v in row]}
@@ -128,6 +134,7 @@ PARTIAL = [{"token": "\\xf0\\x9f", "bytes": [240, 159], "logprob": -0.5,  # Open
                              {"token": "\ud800", "bytes": [63], "logprob": -20.0}]}]  # a lone surrogate
 
 
+@pytest.mark.smoke
 def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list():
     """Each distinct (token, bytes) once in 'vocab' (the string alone where its UTF-8 is the bytes),
     indices as little-endian uint16 and log-probs as little-endian float64, in hex; read back with
@@ -166,6 +173,7 @@ def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list
     (lambda p: p["vocab"].__setitem__(5, ["<|end|>", "no bytes"]), r"token 1 has a token that is neither", 1),
     (lambda p: p["vocab"].__setitem__(4, 7), r"token 1 has a token that is neither a string nor", 1),
 ])
+@pytest.mark.smoke
 def test_packed_form_errors_name_the_token(edit, expect, position):
     packed = align.pack_api_logprobs(PARTIAL)
     edit(packed)
@@ -181,6 +189,7 @@ def _set_column(packed: dict, name: str, i: int, value) -> None:
     packed[name] = column.tobytes().hex()
 
 
+@pytest.mark.smoke
 def test_a_token_string_that_is_no_text_is_named_where_it_is_used(tokenizer):
     """A packed lone surrogate (written by hand: pack keeps one with its bytes), as the chosen token
     and as an alternative."""
@@ -197,6 +206,7 @@ def test_a_token_string_that_is_no_text_is_named_where_it_is_used(tokenizer):
 @pytest.mark.parametrize("bad, expect", [("ab", r"token 1 has no 'top_logprobs\[\].bytes'"),
                                          ([300], r"token 1 has 'top_logprobs\[\].bytes' that are not byte values"),
                                          (None, r"token 1 has no 'top_logprobs\[\].bytes'")])
+@pytest.mark.smoke
 def test_bad_alternative_bytes_name_the_token(bad, expect):
     entries = _entries([b"a", b" b", b"c"], [[(b"a", -1.0), (b"b", -2.0)], [(b" b", -1.0), (b"c", -2.0)],
                                              [(b"c", -1.0), (b"d", -2.0)]])
@@ -207,6 +217,7 @@ def test_bad_alternative_bytes_name_the_token(bad, expect):
         assert e.value.position == 1
 
 
+@pytest.mark.smoke
 def test_sentencepiece_byte_view(tokenizer):
     v = align.vocab_bytes(tokenizer)
     assert align.vocab_bytes(tokenizer) is v  # built once per tokenizer
@@ -232,6 +243,7 @@ def test_byte_level_byte_view(toy_pair):
     assert v.prefix == b"" and v.pieces[tok.eos_token_id] is None
 
 
+@pytest.mark.smoke
 def test_endpoint_rows_by_hand(tokenizer):
     """Student "▁Hi ▁ 😀 <0x0A> 1 2" against an endpoint's "Hi| |😀|\\n|12"."""
     text = "Hi 😀\n12"
@@ -260,6 +272,7 @@ def test_endpoint_rows_by_hand(tokenizer):
     assert rows.listed_mass == pytest.approx(listed) and rows.mapped_mass == pytest.approx(listed - unmapped)
 
 
+@pytest.mark.smoke
 def test_alternatives_with_the_same_student_id_add_up(tokenizer):
     v = align.vocab_bytes(tokenizer)
     rows = _api([b"A"], [[(b"A", -1.0), (b"A", -2.0)]], "A", tokenizer.encode("A", add_special_tokens=False), v, k=1)
@@ -267,6 +280,7 @@ def test_alternatives_with_the_same_student_id_add_up(tokenizer):
     assert rows.logprobs[0][0] == pytest.approx(math.log(math.exp(-1.0) + math.exp(-2.0)))
 
 
+@pytest.mark.smoke
 def test_filled_row_keeps_the_uniform_tail():
     """Filled ids carry tail / (V - m) each: listed + (V - k) unlisted shares sum to 1. Free slot s
     takes id V - 1 - s, or the next lower one the row does not hold."""
@@ -279,6 +293,7 @@ def test_filled_row_keeps_the_uniform_tail():
     assert align.fill_row([3, 4, 5], [-1.0, -2.0, -3.0], 2, V) == ([3, 4], [-1.0, -2.0])
 
 
+@pytest.mark.smoke
 def test_to_student_sums_teacher_ids_that_share_a_student_id():
     g = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(3, 6, generator=g, dtype=torch.float64), dim=-1)
