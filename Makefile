@@ -21,7 +21,7 @@ smoke_toy:
 	$(PYTHON) -m pytest -p no:cacheprovider tests/test_export.py -k "toy_block or toy_onnx or conversion_toys"
 
 smoke_torch:
-	$(PYTHON) -m pytest -m smoke -p no:cacheprovider tests/test_export.py -k toy_torch
+	$(PYTHON) -m pytest -p no:cacheprovider tests/test_export.py -k toy_torch
 
 test:
 	$(PYTHON) -m pytest -n 2 -p no:cacheprovider

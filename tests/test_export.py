@@ -19,9 +19,14 @@ from kdtrain.export import (META, TOLERANCE, ExportDecoder, StatefulDecoder, Toy
                             export_coreml, load_hf, make_conversion_toys, onnx_greedy, onnx_prefill_feed, onnx_session,
                             probe_onnx)
 
-ct = pytest.importorskip("coremltools")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def ct():
+    """coremltools, imported by the tests that use it (about 3 s: not when collecting the module)."""
+    return pytest.importorskip("coremltools")
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +195,8 @@ def test_probe_names_the_layer_whose_weight_was_perturbed(onnx_export, student, 
 # ---- Core ML (conversion and spec on any OS; prediction on macOS) ----
 
 def coreml_spec_io(path):
+    import coremltools as ct
+
     spec = ct.utils.load_spec(str(path))
     arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
 
@@ -205,7 +212,7 @@ def coreml_spec_io(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, io_dtype", [("fp16", "FLOAT16"), ("fp32", "FLOAT32")])
-def test_coreml_export_is_a_stateful_ml_program_with_the_expected_spec(ckpt, tmp_path, precision, io_dtype):
+def test_coreml_export_is_a_stateful_ml_program_with_the_expected_spec(ckpt, tmp_path, precision, io_dtype, ct):
     out, probe = export(ckpt, tmp_path / "coreml", "coreml", precision)
     spec, (inputs, outputs, states) = coreml_spec_io(out / "model.mlpackage")
     assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 9  # iOS 18 / macOS 15
@@ -227,7 +234,7 @@ def test_coreml_export_is_a_stateful_ml_program_with_the_expected_spec(ckpt, tmp
 
 @pytest.mark.macos
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_coreml_prediction_matches_pytorch_with_the_stateful_cache(student, tmp_path, precision):
+def test_coreml_prediction_matches_pytorch_with_the_stateful_cache(student, tmp_path, precision, ct):
     """macOS only: a prefill probe within the documented tolerance, then 8 decode steps through the
     model's state against Hugging Face's cache."""
     from kdtrain.export import probe_coreml
@@ -276,7 +283,7 @@ def test_an_output_that_exists_and_is_not_empty_is_left_alone(ckpt, tmp_path, ca
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_a_failure_mid_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
+def test_a_failure_mid_export_leaves_nothing(ckpt, tmp_path, monkeypatch, ct):
     import kdtrain.export as ex
 
     def fail(model, path, precision="fp16"):
@@ -370,24 +377,34 @@ def test_toy_onnx_probe_and_cached_decode_match_pytorch(toy_onnx, toy_block):
     assert onnx_greedy(onnx_session(toy_onnx), ids, 16) == hf_greedy(toy_block, ids, 16)
 
 
-def test_toy_block_converts_to_a_stateful_coreml_program(toy_block, tmp_path):
+def test_toy_block_converts_to_a_stateful_coreml_program(toy_block, tmp_path, ct):
     _, (inputs, outputs, states) = coreml_spec_io(export_coreml(toy_block, tmp_path / "block.mlpackage"))
     assert list(inputs) == ["input_ids", "causal_mask"] and list(outputs) == ["logits", "hidden_0"]
     assert states["key_cache"]["shape"] == [1, 1, 2, 128, 16]
 
 
-@pytest.mark.smoke
-def test_toy_torch_converts_to_onnx_and_coreml(conversion_toys, tmp_path):
+def _toy_torch(conversion_toys):
     model = ToyTorch().eval()
     model.load_state_dict(torch.load(conversion_toys["toy_torch"], weights_only=True))
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    return model, torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.smoke
+def test_toy_torch_converts_to_onnx(conversion_toys, tmp_path):
+    model, x = _toy_torch(conversion_toys)
     with torch.no_grad():
         ref = model(x).numpy()
         torch.onnx.export(model, (x,), dynamo=True, verbose=False, optimize=False, input_names=["x"],  # as export_onnx
                           output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},)).save(str(tmp_path / "t.onnx"))
-        traced = torch.jit.trace(model, (x,))
     got = onnx_session(tmp_path / "t.onnx").run(None, {"x": x[:3].numpy()})[0]
     np.testing.assert_allclose(got, ref[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_toy_torch_converts_to_coreml(conversion_toys, tmp_path, ct):
+    """Not in -m smoke (coremltools' import alone is 3 s); `make smoke_torch` runs it with the ONNX one."""
+    model, x = _toy_torch(conversion_toys)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
     mlmodel = ct.convert(traced, inputs=[ct.TensorType("x", shape=(ct.RangeDim(1, 64, default=1), 16))],
                          outputs=[ct.TensorType("y")], convert_to="mlprogram",
                          minimum_deployment_target=ct.target.iOS18, skip_model_load=True)
