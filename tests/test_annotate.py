@@ -319,11 +319,9 @@ def test_bad_packed_logprobs_name_file_line_and_position(toy, api_packed, tmp_pa
 
 # ---- null rows: loaded, collated, masked out of kl_div only ----
 
-@pytest.mark.smoke
-def test_null_rows_load_and_collate_without_a_teacher_row(cross, tokenizer):
+def _null_rows_load_and_collate(out, tokenizer):
     from kdtrain.model import step_counts
 
-    out, _ = cross
     recs = _records(out)
     data = load_dataset([out], tokenizer, 32000)
     batch = collate(data.samples[:4], 64, tokenizer.pad_token_id, data.k, False)
@@ -336,6 +334,24 @@ def test_null_rows_load_and_collate_without_a_teacher_row(cross, tokenizer):
     counts = step_counts([batch])
     n_rows = sum(r is not None for rec in recs[:4] for r in rec["teacher_topk"]["ids"])
     assert counts["n_kl"] == n_rows < counts["n_ce_teacher"]  # every response token stays in ce_teacher
+
+
+@pytest.mark.smoke
+def test_null_rows_load_and_collate_without_a_teacher_row(toy, tokenizer, tmp_path):
+    """The toy records with every third row null (as a cross-tokenizer annotation leaves them)."""
+    lines = toy["dataset"].read_text().splitlines()
+    out = tmp_path / "nulls.jsonl"
+    recs = [json.loads(line) for line in lines[1:]]
+    for rec in recs:
+        top = rec["teacher_topk"]
+        for j in range(1, len(top["ids"]), 3):
+            top["ids"][j] = top["logprobs"][j] = None
+    out.write_text("\n".join([lines[0], *map(json.dumps, recs)]) + "\n")
+    _null_rows_load_and_collate(out, tokenizer)
+
+
+def test_null_rows_of_a_cross_tokenizer_annotation(cross, tokenizer):
+    _null_rows_load_and_collate(cross[0], tokenizer)
 
 
 @pytest.mark.parametrize("ids_row, lps_row, expect", [
