@@ -173,7 +173,7 @@ def test_memory_estimate_of_compiled_layers_matches_the_measured_peak():
     """Compiled, a decoder layer keeps fewer activations (``LAYER_ACTIVATIONS``). Measured: the 9B
     worker on two H100s, 8-bit state, seq 4096, 11 of 32 layers checkpointed, `python
     bench/worker_9b.py --gpus 2 --seqs 4096 --set optimizer.state_dtype=8bit
-    train.grad_checkpointing=auto`: 65.7 GiB eager, 58.8 GiB with train.compile=true."""
+    train.grad_checkpointing=auto`: 65.7 GiB eager, 58.8 GiB with train.compile=true; and on two H200s."""
     from pathlib import Path
 
     from kdtrain.model import memory_estimate
@@ -182,6 +182,11 @@ def test_memory_estimate_of_compiled_layers_matches_the_measured_peak():
     for compiled, measured in ((False, 65.7), (True, 58.8)):
         cfg.train.compile = compiled
         assert abs(memory_estimate(cfg, 2, 4096, 11)["total"] / 2**30 - measured) / measured < 0.05, compiled
+    # Compiled, on two H200s with grad_checkpointing auto (0, 0 and 5 layers checkpointed):
+    # `--seqs 4096 8192 16384 --set optimizer.state_dtype=8bit train.grad_checkpointing=auto train.compile=true`.
+    cfg.train.compile = True
+    for seq, k, measured in ((4096, 0, 65.5), (8192, 0, 86.1), (16384, 5, 114.9)):
+        assert abs(memory_estimate(cfg, 2, seq, k)["total"] / 2**30 - measured) / measured < 0.05, seq
     # the difference is the activations of the 21 layers that keep theirs, and the loss chunk
     eager, compiled = (memory_estimate(cfg, 2, 4096, 11) for cfg.train.compile in (False, True))
     a = cfg.arch
