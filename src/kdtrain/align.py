@@ -513,7 +513,7 @@ class ApiLogprobs:
     token: np.ndarray  # [n] the chosen tokens (indices into vocab)
     top: np.ndarray  # [n, K] the alternatives (indices into vocab)
     lp: np.ndarray  # [n, K] their log-probs, float64
-    odd: list[int] = field(default_factory=list)  # the vocab entries that are [token, bytes]
+    odd: dict[int, bytes] = field(default_factory=dict)  # the vocab entries that are [token, bytes]: their bytes
 
     def first_use(self, i: int) -> int | None:
         """The first token position that names vocab entry ``i``."""
@@ -535,12 +535,13 @@ def parse_api_logprobs(value) -> ApiLogprobs:
     _check_logprobs(logprob, top_lp)
     api = ApiLogprobs(vocab, token, top, top_lp)
     if set(map(type, vocab)) != {str}:  # [token, bytes] entries (a pass in C where there are none)
-        api.odd = [i for i, e in enumerate(vocab) if e.__class__ is not str]
-    for i in api.odd:
-        if _entry_bytes(vocab[i]) is None:
-            j = api.first_use(i)
-            raise AlignError(f"token {j} has a token that is neither a string nor [token, bytes 0..255]: "
-                             f"{vocab[i]!r:.40}", j)
+        for i, e in enumerate(vocab):
+            if e.__class__ is not str:
+                api.odd[i] = _entry_bytes(e)
+                if api.odd[i] is None:
+                    j = api.first_use(i)
+                    raise AlignError(f"token {j} has a token that is neither a string nor [token, bytes 0..255]: "
+                                     f"{e!r:.40}", j)
     return api
 
 
@@ -584,8 +585,8 @@ def _lookup(api: ApiLogprobs, table: TokenTable) -> np.ndarray:
     keys = api.vocab
     if api.odd:  # [token, bytes] entries are keyed by their bytes
         keys = list(keys)
-        for i in api.odd:
-            keys[i] = _entry_bytes(keys[i])
+        for i, b in api.odd.items():
+            keys[i] = b
     out = table.numbers(keys)
     if (out == -2).any():
         i = int((out == -2).argmax())

@@ -299,19 +299,17 @@ class JsonlRecords:
 
     def __init__(self, path: Path, lines: list[str]):
         self.path, self.lines = path, lines
-        self.n = sum(1 for line in lines if line.strip())
-        if lines and lines[0].strip() and self._decode(1, lines[0]) is HEADER:
-            self.n -= 1
+        self.header = bool(lines) and bool(lines[0].strip()) and self._decode(1, lines[0]) is HEADER
+        self.n = sum(1 for line in lines if line.strip()) - self.header
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        for line_no, line in enumerate(self.lines, start=1):
+        start = 1 + self.header  # the header is skipped, not decoded again
+        for line_no, line in enumerate(self.lines[start - 1:], start=start):
             if line.strip():
-                rec = self._decode(line_no, line)
-                if rec is not HEADER:
-                    yield line_no, rec
+                yield line_no, self._decode(line_no, line)
 
     def _decode(self, line_no: int, line: str):
         """The record on a line (any JSON value: the caller checks it), or HEADER."""

@@ -290,6 +290,7 @@ class Cache:
         self.index: dict[str, tuple[str, int, int]] = {}
         self.name = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.fds: tuple[int, int] | None = None
+        self.readers: dict[str, object] = {}  # segment name -> its file, opened on the first get
         self.size = 0
         for idx in sorted(root.glob("*.idx")) if root.is_dir() else ():
             for line in idx.read_bytes().split(b"\n")[:-1]:  # the last piece is "" or a torn line
@@ -308,9 +309,10 @@ class Cache:
             return None
         name, offset, length = where
         try:
-            with open(self.root / f"{name}.jsonl", "rb") as f:
-                f.seek(offset)
-                return json.loads(f.read(length))
+            f = self.readers.get(name)
+            if f is None:
+                f = self.readers[name] = open(self.root / f"{name}.jsonl", "rb")
+            return json.loads(os.pread(f.fileno(), length, offset))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # not written through (power loss)
             return None
 
@@ -331,6 +333,9 @@ class Cache:
             for fd in self.fds:
                 os.close(fd)
             self.fds = None
+        for f in self.readers.values():
+            f.close()
+        self.readers.clear()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -736,13 +741,10 @@ def dry_run(cfg: GenConfig, run: Run) -> dict:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer)
-    cached = sum(run._key(p, j) in run.cache for p, j in todo)
-    prompt_tokens = 0
-    for p, j in todo:
-        if run._key(p, j) not in run.cache:
-            prompt_tokens += (len(_render_prompt({"messages": p.messages}, tok, "prompts", 0)) if tok else
-                              prompt_bound(p.messages))
-    sends = len(todo) - cached
+    uncached = [p for p, j in todo if run._key(p, j) not in run.cache]
+    cached, sends = len(todo) - len(uncached), len(uncached)
+    prompt_tokens = sum(len(_render_prompt({"messages": p.messages}, tok, "prompts", 0)) if tok else
+                        prompt_bound(p.messages) for p in uncached)
     info = {"records_planned": cfg.total, "already_in_output": run.already, "cached": cached, "requests": sends,
             "prompt_tokens_max": prompt_tokens, "completion_tokens_max": sends * cfg.max_tokens,
             "prompt_tokens_from": f"tokenizer {cfg.tokenizer}" if tok else
