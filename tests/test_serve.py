@@ -91,6 +91,32 @@ def test_concurrent_batched_requests_equal_one_at_a_time(teacher_url, toy):
     assert batched == single
 
 
+def test_requests_arriving_close_together_are_generated_as_one_batch(toy, monkeypatch):
+    """Eight requests sent 20 ms apart (as a busy client sends them) make one batch of eight, not a
+    batch of the first alone while the others wait for it (the gap is widened to 0.5 s so that a
+    loaded machine cannot split them)."""
+    import kdtrain.serve as serve_module
+
+    sizes = []
+    real = serve_module.generate
+    monkeypatch.setattr(serve_module, "generate", lambda model, reqs, *a: sizes.append(len(reqs)) or real(model, reqs, *a))
+    monkeypatch.setattr(serve_module, "BATCH_GAP", 0.5)
+
+    async def ask_all(url):
+        client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0)
+
+        async def ask(i, p):
+            await asyncio.sleep(0.02 * i)
+            await client.chat.completions.create(model="toy", messages=[{"role": "user", "content": p}], max_tokens=2)
+
+        await asyncio.gather(*[ask(i, p) for i, p in enumerate(PROMPTS)])
+        await client.close()
+
+    with serve(load_app(toy["teacher"], toy["tokenizer"], "cpu", max_batch=8, model_name="toy")) as url:
+        asyncio.run(ask_all(url))
+    assert sizes == [len(PROMPTS)]
+
+
 def test_seed_reproduces_a_sample_and_max_tokens_cuts(teacher_url):
     a = _ask(teacher_url, PROMPTS[1], max_tokens=6, temperature=1.0, seed=7)
     b = _ask(teacher_url, PROMPTS[1], max_tokens=6, temperature=1.0, seed=7)

@@ -9,9 +9,12 @@
 Prompts. ``messages`` go through the tokenizer's chat template when it has one, else they are
 rendered as the trainer renders them (``role: content`` lines after BOS, see ``kdtrain.data``).
 
-Batching. Requests wait in a queue; one worker takes everything queued (up to ``max_batch``)
-and generates for the whole batch at once on the device (left-padded prompts, a shared KV cache,
-per-row sampling settings), so concurrent clients buy throughput. Each row samples from its own
+Batching. Requests wait in a queue; one worker takes the first and every request that arrives
+within ``BATCH_GAP`` of the one before (up to ``max_batch``), and generates for the whole batch at
+once on the device (left-padded prompts, a shared KV cache, per-row sampling settings), so
+concurrent clients buy throughput. The gap matters: the event loop parses requests sent together
+one after another, so taking only what is queued at the first one's arrival starts a batch of one
+while the rest wait for it to finish. Each row samples from its own
 generator seeded by its request's ``seed`` (an unseeded request draws a random seed), by inverse
 CDF on its own probabilities: a seeded request gives the same text whatever it is batched with,
 up to floating-point differences of the padded forward.
@@ -39,6 +42,7 @@ from transformers import LlamaForCausalLM
 from .data import DataError, _render_prompt
 
 MAX_TOP_LOGPROBS = 20
+BATCH_GAP = 0.01  # s: a batch keeps taking requests while each arrives within this of the one before
 # transformers renamed the KV-cache argument and output field from past_key_values to cache in 5.2x.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
@@ -190,8 +194,11 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
     async def worker():
         while True:
             batch = [await queue.get()]
-            while len(batch) < max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
+            while len(batch) < max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), BATCH_GAP))
+                except asyncio.TimeoutError:
+                    break
             try:
                 results = await asyncio.to_thread(generate, model, [r for r, _ in batch], tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
