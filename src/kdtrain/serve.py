@@ -10,7 +10,7 @@ Prompts. ``messages`` go through the tokenizer's chat template when it has one, 
 rendered as the trainer renders them (``role: content`` lines after BOS, see ``kdtrain.data``).
 
 Batching. Requests wait in a queue; one worker takes the first and every request that arrives
-within ``BATCH_GAP`` of the one before (up to ``max_batch``), and generates for the whole batch at
+until ``BATCH_GAP`` passes without one (up to ``max_batch``), and generates for the whole batch at
 once on the device (left-padded prompts, a shared KV cache, per-row sampling settings), so
 concurrent clients buy throughput. The gap matters: the event loop parses requests sent together
 one after another, so taking only what is queued at the first one's arrival starts a batch of one
@@ -42,7 +42,7 @@ from transformers import LlamaForCausalLM
 from .data import DataError, _render_prompt
 
 MAX_TOP_LOGPROBS = 20
-BATCH_GAP = 0.01  # s: a batch keeps taking requests while each arrives within this of the one before
+BATCH_GAP = 0.01  # s: a batch keeps taking requests until this passes without a new one
 # transformers renamed the KV-cache argument and output field from past_key_values to cache in 5.2x.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
@@ -194,11 +194,12 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
     async def worker():
         while True:
             batch = [await queue.get()]
-            while len(batch) < max_batch:
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), BATCH_GAP))
-                except asyncio.TimeoutError:
-                    break
+            while len(batch) < max_batch:  # polled: a get cancelled at its timeout may lose an item on Python 3.10
+                if queue.empty():
+                    await asyncio.sleep(BATCH_GAP)
+                    if queue.empty():
+                        break
+                batch.append(queue.get_nowait())
             try:
                 results = await asyncio.to_thread(generate, model, [r for r, _ in batch], tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
