@@ -194,7 +194,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
     async def worker():
         while True:
             batch = [await queue.get()]
-            while len(batch) < max_batch:  # polled: a get cancelled at its timeout may lose an item on Python 3.10
+            while len(batch) < max_batch:  # polled, not a get under wait_for (its cancellation races a put: cpython#86296)
                 if queue.empty():
                     await asyncio.sleep(BATCH_GAP)
                     if queue.empty():
