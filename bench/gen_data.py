@@ -1,6 +1,7 @@
 """``kdtrain gen-data`` throughput against an endpoint that answers after a fixed delay (no model).
 
     python bench/gen_data.py [--delay 0.2] [--concurrency 1 8 32 128] [--seconds 4] [--min-records 40]
+                             [--client-cpu N] [--no-aiohttp]
 
 The server is a bare ASGI app on uvicorn in its own process; it reads the request, waits ``--delay``
 and answers a fixed chat completion. Each row is one ``gen_data`` call in this process (imports and a
@@ -19,9 +20,11 @@ prints:
   without HTTP (``Stub``): gen-data's own work (plan, cache, output, bookkeeping);
 - the 1-minute load average after the row (this process and the server count in it).
 
-Before the table it prints the CPU, the fixed CPU cost of one ``gen_data`` call (a rerun that finds
-every record done: clients, TLS context, prompts, output), which each row's figure includes, and the
-load average.
+Before the table it prints the CPU, the clients' HTTP transport (openai's aiohttp one where aiohttp
+is installed, else its default httpx one; ``--no-aiohttp`` picks the default one anyway, as where
+aiohttp is missing), the fixed CPU cost of one ``gen_data`` call (a rerun that finds every record done:
+clients, TLS context, prompts, output), which each row's figure includes, and the load average.
+``--client-cpu N`` pins this process (not the server) to CPU ``N``, so "client %" is of that one core.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="ideal duration of each run")
     ap.add_argument("--min-records", type=int, default=40, help="records of a run at least")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-client column")
+    ap.add_argument("--client-cpu", type=int, default=None, help="pin this process (not the server) to this CPU")
+    ap.add_argument("--no-aiohttp", action="store_true", help="openai's default httpx transport even with aiohttp")
     ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve is not None:
@@ -169,11 +174,19 @@ def main() -> None:
     import openai
     import tqdm  # noqa: F401 - imported before the clock starts, as in a long run
 
+    if a.no_aiohttp:  # what openai does where aiohttp is missing
+        def missing(**kwargs):
+            raise RuntimeError("the aiohttp transport is off (--no-aiohttp)")
+
+        openai.DefaultAioHttpClient = missing
+
     from kdtrain import gendata
     from kdtrain.gendata import GenConfig, gen_data
 
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay", str(a.delay)])
+    if a.client_cpu is not None:
+        os.sched_setaffinity(0, {a.client_cpu})
     try:
         wait_for(port)
         with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
@@ -192,8 +205,11 @@ def main() -> None:
             cpu0 = cpu_self()
             run(warm)  # every record done: only the fixed cost of a call
             fixed = cpu_self() - cpu0
-            print(f"{cpu_name()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, openai {openai.__version__} "
-                  f"({gendata._http_module().__name__}), {gendata.CLIENT_REQUESTS} requests per client")
+            transport = "httpx" if isinstance(gendata._http_client(True), openai.DefaultAsyncHttpxClient) else "aiohttp"
+            pinned = "" if a.client_cpu is None else f", client pinned to CPU {a.client_cpu}"
+            print(f"{cpu_name()}, {os.cpu_count()} CPUs{pinned}; Python {platform.python_version()}, openai "
+                  f"{openai.__version__} ({gendata._http_module().__name__}, {transport} transport), "
+                  f"{gendata.CLIENT_REQUESTS} requests per client")
             print(f"delay {a.delay * 1000:.0f} ms; fixed CPU per gen_data call {fixed * 1000:.0f} ms (included below); "
                   f"load average {os.getloadavg()[0]:.2f}")
             head = (f"{'concurrency':>11} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "

@@ -47,6 +47,22 @@ def fake_server():
         yield url, faults
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request, monkeypatch):
+    """gen-data's clients over openai's aiohttp transport (aiohttp installed) and over its default httpx
+    transport, as where aiohttp is missing: ``openai.DefaultAioHttpClient`` raises RuntimeError then."""
+    import openai
+
+    if request.param == "aiohttp":
+        pytest.importorskip("aiohttp")
+    else:
+        def missing(**kwargs):
+            raise RuntimeError("To use the aiohttp client you must have installed the package with the `aiohttp` extra")
+
+        monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
     monkeypatch.setenv("KD_TEST_KEY", KEY)
@@ -182,7 +198,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.jsonl", "bad.jsonl"])
 
 
-def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys):
+def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys, transport):
     url, faults = fake_server
     prompts = _prompts(tmp_path / "p.jsonl", 10)
     out = tmp_path / "out.jsonl"
@@ -201,9 +217,41 @@ def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys):
     assert errors[0]["id"] not in {r["id"] for r in recs}
 
 
+def test_a_closed_connection_and_a_timeout_are_told_apart(fake_server, tmp_path, transport):
+    """Without retries each failure is logged with its reason: a timeout, a connection cut mid-body and one
+    closed before any answer (which openai's aiohttp transport reports as a connect timeout)."""
+    import socket
+    import threading
+
+    url, faults = fake_server
+    faults.reset("timeout", "drop")
+    out = tmp_path / "out.jsonl"
+    args = ["--model", "m", "--concurrency", 1, "--timeout", 0.5, "--max-retries", 0]
+    assert main(_gen(url, [_prompts(tmp_path / "p.jsonl", 3)], out, 1, *args)) == 0 and len(_records(out)) == 1
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert reasons[0] == "no answer within --timeout 0.5 s (after 1 attempts)"
+    assert reasons[1].startswith("connection failed (") and len(reasons) == 2
+
+    with socket.create_server(("127.0.0.1", 0)) as closer:  # reads a request, closes without an answer
+        def close_each():
+            while True:
+                try:
+                    conn, _ = closer.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+
+        threading.Thread(target=close_each, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{closer.getsockname()[1]}/v1"
+        assert main(_gen(endpoint, [_prompts(tmp_path / "q.jsonl", 9)], tmp_path / "closed.jsonl", 1, *args)) == 2
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "closed.jsonl.errors.jsonl").read_text().splitlines()]
+    assert len(reasons) == 5 and all(r.startswith("connection failed (") for r in reasons)
+
+
 @pytest.mark.parametrize("case", ["bad-key", "wrong-model", "dead-endpoint", "most-fail"])
 def test_failures_every_request_repeats_stop_once_and_write_nothing(case, fake_server, toy_server, tmp_path, capsys,
-                                                                    monkeypatch):
+                                                                    monkeypatch, transport):
     url, faults = toy_server if case == "wrong-model" else fake_server
     faults.reset(*(["echo-key"] * 20 if case == "most-fail" else []))
     if case == "bad-key":
@@ -399,11 +447,13 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_p
     assert {r["id"]: r["teacher_text"] for r in got} == {r["id"]: r["teacher_text"] for r in ref}
 
 
-def test_requests_spread_over_clients_keep_the_bound_and_are_retried(tmp_path, monkeypatch):
+def test_requests_spread_over_clients_keep_the_bound_and_are_retried(tmp_path, monkeypatch, transport):
     """--concurrency 20 runs on ceil(20 / CLIENT_REQUESTS) = 3 clients, each with its own connection pool.
     The server (500 ms per answer) holds exactly 20 requests in the first wave and never more; each client
     holds at most its share of the slots (7, 7, 6), also while the 429 / 500 answers of the second wave are
-    retried on it."""
+    retried on it. The clients use the transport the ``transport`` fixture leaves available."""
+    import openai
+
     from kdtrain import gendata
 
     assert gendata.CLIENT_REQUESTS == 8
@@ -434,6 +484,7 @@ def test_requests_spread_over_clients_keep_the_bound_and_are_retried(tmp_path, m
     recs = _records(tmp_path / "o.jsonl")
     assert len(recs) == 60 and len({r["id"] for r in recs}) == 60
     assert len(made) == 3 and len({id(c.client._client) for c in made}) == 3  # three pools
+    assert all(isinstance(c.client._client, openai.DefaultAsyncHttpxClient) == (transport == "httpx") for c in made)
     assert sorted(c.peak for c in made) == [6, 7, 7]
     assert faults.peak == 20
     summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
