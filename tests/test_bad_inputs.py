@@ -126,8 +126,9 @@ def test_a_bad_record_is_a_data_error_naming_file_line_and_field(tmp_path, token
      '"response_ids": [1]}', "non-finite"),
     ('{"prompt": "p", "teacher_text": "t", "teacher_topk": {"ids": [[1]], "logprobs": [[-0.1]], '
      '"temperature": 1e400}, "response_ids": [1]}', "positive finite"),
+    ('{"prompt": "p", "teacher_text": "t", "n": ' + "9" * 5000 + "}", "more digits"),
 ], ids=["unclosed", "trailing-comma", "single-quotes", "bare-keys", "array", "string", "null", "number",
-        "two-objects", "control-char", "nan-logprob", "infinite-logprob", "infinite-temperature"])
+        "two-objects", "control-char", "nan-logprob", "infinite-logprob", "infinite-temperature", "5000-digit-int"])
 def test_a_bad_line_is_a_data_error_naming_file_and_line(tmp_path, tokenizer, raw, says):
     path = _write(tmp_path, [json.dumps(GOOD), raw])
     with pytest.raises(DataError, match=says) as e:
@@ -248,9 +249,10 @@ def test_a_wrong_type_for_any_config_key_names_the_key(key, value):
 
 
 @pytest.mark.parametrize("text", ["train: [1, 2]\n", "- a\n- b\n", "train: {steps: 3\n", "train:\n\tsteps: 3\n",
-                                  "42\n", "train: {steps: 3}\ntrain: {steps: 4}\n", "&a [*a]\n"],
+                                  "42\n", "train: {steps: 3}\ntrain: {steps: 4}\n", "&a [*a]\n",
+                                  "train: {steps: " + "9" * 5000 + "}\n"],
                          ids=["section-list", "top-list", "unclosed", "tab-indent", "scalar", "duplicate-section",
-                              "recursive-alias"])
+                              "recursive-alias", "5000-digit-int"])
 def test_a_malformed_config_file_is_a_config_error_naming_it(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -260,6 +262,18 @@ def test_a_malformed_config_file_is_a_config_error_naming_it(tmp_path, text):
         assert str(path) in str(e)
     else:  # YAML allows a repeated key (the last wins); nothing else may load
         assert text.startswith("train: {steps: 3}") and cfg.train.steps == 4
+
+
+@pytest.mark.parametrize("override", ["init.std=-1", "init.std=2", "arch.norm_eps=0", "arch.norm_eps=-1e-5",
+                                      "arch.rope_theta=0", "arch.rope_theta=-5", f"train.seed={2**63}",
+                                      f"train.seed={-2**63 - 1}", "train.steps=" + "9" * 5000])
+def test_a_value_that_would_fail_later_is_a_config_error_naming_the_key(override):
+    """Each of these passed validation and then failed in training: a traceback from transformers
+    (init.std), NaN losses blamed on the learning rate (norm_eps, rope_theta), an overflow at the
+    first step (train.seed) or int()'s digit limit inside the YAML parser."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([], [override])
 
 
 def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
@@ -295,3 +309,4 @@ def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error" in err and "Traceback" not in err
+

@@ -278,6 +278,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
 
 
+TOO_MANY_DIGITS = "a number has more digits than Python converts (4300); no config key takes one."
+
+
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.steps=10).")
@@ -287,6 +290,8 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({e.problem or e}).") from None
+    except ValueError:  # an integer past Python's 4300-digit conversion limit
+        raise ConfigError(f"override '{text}': {TOO_MANY_DIGITS}") from None
     return section, key, value
 
 
@@ -310,6 +315,8 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> tupl
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         except RecursionError:
             raise ConfigError(f"{p}: nested too deeply to be a kdtrain config.") from None
+        except ValueError:
+            raise ConfigError(f"{p}: {TOO_MANY_DIGITS}") from None
         _merge_layer(merged, sources, layer, str(p), p.resolve().parent, _key_lines(text))
     for text in overrides:
         section, key, value = _parse_override(text)
@@ -342,9 +349,12 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
         raise ConfigError(f"'{key}' (from {origin}): {msg}")
 
     a, t, o, d, k = cfg.arch, cfg.train, cfg.optimizer, cfg.distillation, cfg.kd
-    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "vocab_size", "max_seq_len"):
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "vocab_size", "max_seq_len",
+                "rope_theta", "norm_eps"):  # RoPE's base and RMSNorm's epsilon at 0 or below give NaN
         if getattr(a, key) <= 0:
             fail(f"arch.{key}", f"must be positive, got {getattr(a, key)}.")
+    if not 0 <= cfg.init.std <= 1:  # the range transformers' LlamaConfig accepts for initializer_range
+        fail("init.std", f"must be within [0, 1] (the normal init's standard deviation), got {cfg.init.std}.")
     if a.n_heads % a.n_kv_heads:
         fail("arch.n_kv_heads", f"must divide arch.n_heads ({a.n_heads}), got {a.n_kv_heads}.")
     if o.lr <= 0:
@@ -363,6 +373,8 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints"):
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}.")
+    if not -2**63 <= t.seed < 2**63:  # torch's generators take 64-bit seeds (the data order adds the epoch)
+        fail("train.seed", f"must be within [-2**63, 2**63), got {t.seed}.")
     for key in ("eval_every", "checkpoint_every"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}.")

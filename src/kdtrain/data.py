@@ -320,6 +320,9 @@ class JsonlRecords:
         except RecursionError:
             raise DataError(f"malformed record {_where(self.path, line_no)}: nested too deeply to be KD "
                             "JSONL.") from None
+        except ValueError:  # an integer literal past Python's 4300-digit conversion limit
+            raise DataError(f"malformed record {_where(self.path, line_no)}: a number with more digits than "
+                            "Python converts (4300); no KD JSONL field holds one.") from None
         return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
 
 
