@@ -310,3 +310,80 @@ def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, ca
     assert rc == 2, err
     assert "error" in err and "Traceback" not in err
 
+
+# ---- checkpoints whose files were replaced and the manifest rewritten to match ----
+
+@pytest.fixture(scope="module")
+def run_two_steps(toy, tmp_path_factory):
+    """A toy run with checkpoints at steps 1 and 2."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", str(toy["config"]), f"io.output_dir={run}", "train.steps=2", "train.checkpoint_every=1",
+                 "train.device=cpu", "io.val_shards=[]", "tracing.console_log=false"]) == 0
+    return run
+
+
+def _tamper(ckpt, name: str) -> None:
+    """Replace one file of ``ckpt`` and rewrite the manifest to match, as another tool could."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kdtrain.checkpoint import MANIFEST, file_entries
+
+    if name == "meta-model-shape":
+        meta = json.loads((ckpt / "meta.json").read_text())
+        (ckpt / "meta.json").write_text(json.dumps({**meta, "model_shape": 5}))
+    elif name == "trainer-state-list":
+        torch.save([1, 2, 3], ckpt / "trainer_state.pt")
+    elif name == "trainer-state-types":
+        torch.save({"step": "x", "data_position": 0, "rng_cpu": torch.get_rng_state()}, ckpt / "trainer_state.pt")
+    elif name == "optimizer-empty":
+        torch.save({}, ckpt / "optimizer.pt")
+    elif name == "optimizer-types":
+        torch.save({"state": 5, "param_groups": "x"}, ckpt / "optimizer.pt")
+    else:
+        state = load_file(ckpt / "model.safetensors")
+        key = sorted(state)[0]
+        if name == "weights-shape":
+            state[key] = torch.zeros(3, 3)
+        else:  # weights-missing
+            del state[key]
+        save_file(state, ckpt / "model.safetensors")
+    files = [f for f in ckpt.iterdir() if f.name != MANIFEST]
+    (ckpt / MANIFEST).write_text(json.dumps({"format": "kdtrain-checkpoint-v1", "files": file_entries(ckpt, files)}))
+
+
+TAMPERED = ["meta-model-shape", "trainer-state-list", "trainer-state-types", "optimizer-empty", "optimizer-types",
+            "weights-shape", "weights-missing"]
+
+
+@pytest.mark.parametrize("name", TAMPERED)
+def test_resuming_a_checkpoint_with_replaced_files_is_a_checkpoint_error(tmp_path, capsys, toy, run_two_steps, name):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_two_steps, run)
+    for ckpt in (run / "checkpoints").iterdir():
+        _tamper(ckpt, name)
+    capsys.readouterr()
+    rc = main(["train", str(toy["config"]), f"io.output_dir={run}", "train.steps=3", "train.device=cpu",
+               "io.val_shards=[]", "tracing.console_log=false", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert str(run / "checkpoints" / "step_00000002") in err, err
+    if name.startswith("weights"):  # export reads the same file
+        assert main(["export", str(run / "checkpoints" / "step_00000002"), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert "model.safetensors does not fit" in err, err
+
+
+def test_resuming_with_another_arch_names_the_key_before_building_the_model(tmp_path, capsys, toy, run_two_steps):
+    """init.weights (the toy's initial weights) do not fit arch.d_ff=128; the resume check comes first."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_two_steps, run)
+    rc = main(["train", str(toy["config"]), f"io.output_dir={run}", "train.steps=3", "train.device=cpu",
+               "io.val_shards=[]", "arch.d_ff=128", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "arch.d_ff changed (checkpoint 256, config 128)" in err, err
+

@@ -214,6 +214,8 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or not {"step", "model_shape", "dataset_fingerprint"} <= set(meta):
             raise ValueError("missing step, model_shape or dataset_fingerprint")
+        if not isinstance(meta["model_shape"], dict) or not isinstance(meta["dataset_fingerprint"], str):
+            raise ValueError("model_shape must be an object and dataset_fingerprint a string")
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{Path(path) / 'meta.json'} is not a kdtrain checkpoint's meta.json ({e})") from None
     return meta
@@ -300,7 +302,14 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
         state = model.state_dict()  # loaded in place: these tensors are the parameters
         dcp_load({"model": state}, ckpt / "dcp")
     else:
-        model.load_state_dict(safetensors_load(ckpt / "model.safetensors"), strict=True)
+        try:
+            model.load_state_dict(safetensors_load(ckpt / "model.safetensors"), strict=True)
+        except RuntimeError as e:  # names or shapes unlike its config.yaml's arch (files replaced, manifest rewritten)
+            if isinstance(e, CheckpointError):
+                raise
+            why = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{ckpt}/model.safetensors does not fit the model its config.yaml describes "
+                                  f"({why}). Export another checkpoint.") from None
     model.set_attn_implementation("sdpa")  # loadable by plain transformers
     model.save_pretrained(out_dir, safe_serialization=True)
     save_for_inference(load_tokenizer(cfg.io.tokenizer_path), out_dir)

@@ -114,6 +114,13 @@ class Trainer:
         if not resume and latest is not None:  # a fresh run would interleave its checkpoints with these
             raise ConfigError(f"io.output_dir {self.run_dir} already holds checkpoints (latest {latest.name}); pass "
                               "--resume to continue that run, or choose a new io.output_dir to start another.")
+        # The checkpoint to resume is found and its arch compared before the data is read and the
+        # model built: a model built from another arch (or its init.weights) would not load it.
+        resume_from = resume_meta = None
+        if resume:
+            resume_from = self._valid_checkpoint()
+            resume_meta = read_meta(resume_from)
+            self._check_resume_config(resume_from, resume_meta)
 
         vocab = cfg.arch.vocab_size if not cfg.init.base_checkpoint else None
         if tokenizer is None:
@@ -159,7 +166,7 @@ class Trainer:
         self.sampler = Sampler(len(self.train_data), t.seed)
         self.step = 0
         if resume:
-            self._resume(self._valid_checkpoint())
+            self._resume(resume_from, resume_meta)
         # Weights + two AdamW moments: a checkpoint must fit before hours of training, not after.
         p_bytes = dist_utils._local_bytes(list(self.student.parameters()))
         dist_utils.check_disk_space(self, 3 * p_bytes, "a checkpoint of this model and its optimizer state")
@@ -379,9 +386,7 @@ class Trainer:
                   "stream now follow the new values, so this is not the run the checkpoint came from (the LR "
                   "already decayed under the old ones).", file=sys.stderr, flush=True)
 
-    def _resume(self, path: Path) -> None:
-        meta = read_meta(path)
-        self._check_resume_config(path, meta)
+    def _resume(self, path: Path, meta: dict) -> None:
         if meta["dataset_fingerprint"] != self.train_data.fingerprint:
             raise TrainingError(f"cannot resume from {path}: it was trained on other data (dataset fingerprint "
                                 "differs). Restore the original io.train_shards or start a new io.output_dir.")
@@ -392,14 +397,26 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: the model shape changed ({diff}: checkpoint "
                                 f"{meta['model_shape'].get(diff)}, config {shape.get(diff)}). Restore the original "
                                 "arch or start a new io.output_dir.")
-        state = dist_utils.load(self, path, load_checkpoint)
-        self.step = int(state["step"])
-        self.sampler.position = int(state["data_position"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if self.scaler and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+        try:  # files that pass the manifest but were replaced after kdtrain wrote them (the manifest rewritten)
+            state = dist_utils.load(self, path, load_checkpoint)
+            if not (isinstance(state, dict) and all(isinstance(state.get(k), int) and not isinstance(state[k], bool)
+                                                    for k in ("step", "data_position"))
+                    and isinstance(state.get("rng_cpu"), torch.Tensor)):
+                raise ValueError("trainer_state.pt does not hold an integer step and data_position and rng_cpu")
+            self.step = state["step"]
+            self.sampler.position = state["data_position"]
+            torch.set_rng_state(state["rng_cpu"])
+            if "rng_cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            if self.scaler and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        except (CheckpointError, torch.OutOfMemoryError):
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise CheckpointError(f"cannot resume from {path}: its files do not fit this model, optimizer or trainer "
+                                  f"({why}); they were changed after kdtrain wrote them. Resume from another "
+                                  "checkpoint (remove this one) or start a new io.output_dir.") from None
         set_lr(self.optimizer, lr_at(self.cfg, self.step))
 
     # ---- the loop ----
