@@ -311,6 +311,38 @@ def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, ca
     assert "error" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tok}", "--teacher", "{teacher}", "--device", "tpu"],
+     "--device 'tpu'"),
+    (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tok}", "--teacher", "{teacher}", "--device", "cuda:99"],
+     "--device cuda:99"),
+    (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tok}", "--teacher", "{teacher}", "--temperature", "nan"],
+     "--temperature"),
+    (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tok}", "--teacher", "{tmp}"], "--teacher"),
+    (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tmp}", "--teacher", "{teacher}"], "--tokenizer"),
+    (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--device", "tpu"], "--device 'tpu'"),
+    (["serve-teacher", "{tmp}", "--tokenizer", "{tok}"], "MODEL_DIR"),
+    (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--port", "70000"], "--port"),
+    (["make-toy", "--out-dir", "{tmp}/file/toy"], "{tmp}/file is a file"),
+    (["export", "{tmp}/run/checkpoints/step_00000001", "{tmp}/file/hf"], "{tmp}/file is a file"),
+], ids=["annotate-device-tpu", "annotate-device-cuda99", "annotate-temperature-nan", "annotate-teacher-not-a-model",
+        "annotate-tokenizer-empty", "serve-device-tpu", "serve-dir-not-a-model", "serve-port-70000",
+        "make-toy-under-a-file", "export-under-a-file"])
+def test_a_bad_option_names_the_option(tmp_path, capsys, toy, run_two_steps, argv, says):
+    """The option the user gave, not a config key they never wrote (kd.teacher_path), torch's
+    traceback or the OS's bare "File exists"."""
+    pytest.importorskip("uvicorn") if argv[0] == "serve-teacher" else None
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "run").symlink_to(run_two_steps)
+    paths = {"{data}": str(toy["dataset"]), "{tok}": str(toy["tokenizer"]), "{teacher}": str(toy["teacher"]),
+             "{tmp}": str(tmp_path)}
+    argv = [paths.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert says.replace("{tmp}", str(tmp_path)) in err and "kd.teacher_path" not in err and "io.tokenizer_path" not in err, err
+
+
 # ---- checkpoints whose files were replaced and the manifest rewritten to match ----
 
 @pytest.fixture(scope="module")
@@ -387,3 +419,43 @@ def test_resuming_with_another_arch_names_the_key_before_building_the_model(tmp_
     err = capsys.readouterr().err
     assert rc == 2 and "arch.d_ff changed (checkpoint 256, config 128)" in err, err
 
+
+# ---- the teacher server: bad requests get a 4xx with a JSON error, and it keeps serving ----
+
+@pytest.fixture(scope="module")
+def teacher_url(toy):
+    pytest.importorskip("uvicorn")
+    from loopback import serve
+
+    from kdtrain.serve import load_app
+
+    with serve(load_app(toy["teacher"], toy["tokenizer"], "cpu", model_name="toy")) as url:
+        yield url
+
+
+def _post(url: str, body: bytes):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body", [
+    {"seed": 2**64}, {"seed": -2**63 - 1}, {"seed": 10**30}, b'{"model": "toy", "messages": [', b"[1, 2]",
+    b'{"model": "toy", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+], ids=["seed-2**64", "seed-below-int64", "seed-1e30", "unclosed-json", "array", "deep-nesting"])
+def test_a_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(teacher_url, body):
+    """A seed torch cannot take failed the whole batch with a 500 (and a traceback in the log); a body
+    that does not parse got FastAPI's ``detail`` instead of an OpenAI error. Field types and ranges
+    are in test_serve.py."""
+    good = {"model": "toy", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 2}
+    raw = body if isinstance(body, bytes) else json.dumps({**good, **body}).encode()
+    status, answer = _post(teacher_url, raw)
+    assert 400 <= status < 500 and isinstance(answer.get("error", {}).get("message"), str), (status, answer)
+    status, answer = _post(teacher_url, json.dumps(good).encode())
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1

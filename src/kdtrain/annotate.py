@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch
 
 from . import align
 from .data import DataError, _truncate, iter_jsonl, parse_record
-from .teacher import CrossTeacher, _has_tokenizer, load_teacher_model
+from .teacher import CrossTeacher, _has_tokenizer, load_teacher_model, resolve_device
 from .tokenizer import load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -162,15 +163,15 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
     from tqdm import tqdm
 
     input_path, output_path = Path(input_path), Path(output_path)
-    if (k is not None and k < 1) or temperature <= 0 or batch_size < 1 or max_len < 2:
-        raise DataError("annotate: --k and --batch-size must be >= 1, --temperature > 0, --max-len >= 2.")
+    if (k is not None and k < 1) or not 0 < temperature < math.inf or batch_size < 1 or max_len < 2:
+        raise DataError("annotate: --k and --batch-size must be >= 1, --temperature a finite number > 0, "
+                        "--max-len >= 2.")
     if tokenizer_path is None:
         raise DataError("annotate: --tokenizer (the student's tokenizer directory) is required.")
     if not input_path.is_file():
         raise DataError(f"annotate: input file {input_path} does not exist.")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    tok = load_tokenizer(tokenizer_path)
+    dev = resolve_device(device)
+    tok = load_tokenizer(tokenizer_path, key="--tokenizer")
     s_vocab = align.vocab_bytes(tok)
     records = iter_jsonl(input_path)  # decoded one batch at a time: decoded log-probs take ~100x their text
     header = {"format": "kd-jsonl-v1", "input": _hash_files([input_path]), "tokenizer": tokenizer_hash(tokenizer_path),
@@ -187,7 +188,8 @@ def annotate(input_path, output_path, teacher_path=None, tokenizer_path=None, k:
                       teacher_tokenizer=tokenizer_hash(teacher_tokenizer), k=k)
         done = _completed(output_path, header)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        teacher = CrossTeacher(load_teacher_model(teacher_path, dev, dtype), load_tokenizer(teacher_tokenizer), tok,
+        teacher = CrossTeacher(load_teacher_model(teacher_path, dev, dtype, key="--teacher"),
+                               load_tokenizer(teacher_tokenizer, key="--teacher-tokenizer"), tok,
                                temperature)
     else:
         header.update(source="teacher_api_logprobs", k=k)

@@ -12,8 +12,15 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_make_toy(a) -> int:
+    from pathlib import Path
+
+    from .config import ConfigError
     from .toy import make_toy, make_toy_pair
 
+    out = Path(a.out_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another path.")
     paths = make_toy(a.out_dir, a.samples, a.steps, a.dmodel, a.nlayers, a.vocab)
     for key in ("dataset", "config", "model_init", "tokenizer"):
         print(f"{key:10s} {paths[key]}")
@@ -139,8 +146,11 @@ def cmd_gen_data(a) -> int:
 def cmd_serve_teacher(a) -> int:
     import uvicorn
 
+    from .config import ConfigError
     from .serve import load_app
 
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port must be within 0-65535, got {a.port}.")
     app = load_app(a.model_dir, a.tokenizer, a.device, a.max_batch, a.model_name)
     print(f"serving {a.model_dir} at http://{a.host}:{a.port}/v1 (model name: {app.state.model_name})", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

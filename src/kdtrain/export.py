@@ -171,6 +171,9 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "hf", precision: str = 
                               f"directory such as runs/toy/checkpoints/step_00000050.{hint}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export output {out} already exists and is not empty; remove it or choose a new path.")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"export output {out}: {blocking} is a file, not a directory; choose another path.")
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)  # what a torch generator takes
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     n: int = 1
@@ -187,6 +187,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     text = TokenText(tokenizer)
     queue: asyncio.Queue = asyncio.Queue()
@@ -224,8 +225,15 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its loc is the character position
+            return _error(400, f"invalid request: the body is not valid JSON ({first['msg']} at character "
+                               f"{first['loc'][-1]}).", "invalid_request_error")
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return _error(400, f"invalid request: {where}: {first['msg']}", "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # an unparsable body, an unknown path: same shape
+        return _error(exc.status_code, f"{exc.detail}.", "invalid_request_error")
 
     @app.get("/v1/models")
     async def models():
@@ -272,18 +280,16 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 32):
 def load_app(model_dir, tokenizer_dir=None, device: str = "auto", max_batch: int = 32, model_name: str | None = None):
     """The app over the checkpoint in ``model_dir`` (tokenizer from ``tokenizer_dir``, default ``model_dir``)."""
     from .config import ConfigError
-    from .teacher import load_teacher_model
+    from .teacher import load_teacher_model, resolve_device
     from .tokenizer import load_tokenizer
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be at least 1, got {max_batch}.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     tok_dir = Path(tokenizer_dir or model_dir)
     if not (tok_dir / "tokenizer_config.json").is_file():
         raise ConfigError(f"{tok_dir} holds no tokenizer (no tokenizer_config.json): pass --tokenizer DIR "
                           "(for the toy teacher: --tokenizer toy/tokenizer).")
-    tokenizer = load_tokenizer(tok_dir)
-    model = load_teacher_model(model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(tok_dir, key="--tokenizer" if tokenizer_dir else "MODEL_DIR")
+    model = load_teacher_model(model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, "MODEL_DIR")
     return create_app(model, tokenizer, model_name or Path(model_dir).resolve().name, max_batch)

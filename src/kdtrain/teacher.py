@@ -26,16 +26,36 @@ from .config import ConfigError
 ONLINE_TOPK = 64  # row width of an online teacher with another tokenizer
 
 
-def load_teacher_model(path: str | Path, device, dtype=None):
-    """A frozen local HF causal LM; anything else is a clear error."""
+def resolve_device(device: str, option: str = "--device") -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device
+    this machine lacks is a ConfigError naming ``option``, not torch's failure at the first ``.to``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{option} {device!r} is not a device kdtrain runs on; use auto, cpu, cuda, cuda:N or mps.")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise ConfigError(f"{option} {device}: this machine has {n} CUDA device(s); use auto or cpu"
+                          + (f", or cuda:0 to cuda:{n - 1}." if n else "."))
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option} mps: this machine has no MPS device; use auto or cpu.")
+    return dev
+
+
+def load_teacher_model(path: str | Path, device, dtype=None, key: str = "kd.teacher_path"):
+    """A frozen local HF causal LM; anything else is a clear error naming ``key`` (the config key or option)."""
     from .model import load_hf_causal_lm
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"kd.teacher_path {path} is not a Hugging Face checkpoint directory (no config.json).")
-    model = load_hf_causal_lm(path, "kd.teacher_path", dtype=dtype or torch.float32)
+        raise ConfigError(f"{key} {path} is not a Hugging Face checkpoint directory (no config.json).")
+    model = load_hf_causal_lm(path, key, dtype=dtype or torch.float32)
     if model.get_output_embeddings() is None or not hasattr(model, "model"):
-        raise ConfigError(f"kd.teacher_path {path}: {type(model).__name__} has no output head; "
+        raise ConfigError(f"{key} {path}: {type(model).__name__} has no output head; "
                           "the teacher must be a decoder-only causal LM.")
     model.requires_grad_(False).eval()
     return model.to(device)

@@ -45,18 +45,19 @@ def build_toy_tokenizer(out_dir: str | Path, vocab_size: int = BASE_VOCAB):
     return tok
 
 
-def load_tokenizer(path: str | Path, vocab_size: int | None = None):
-    """Load an HF tokenizer directory offline; its size must equal the model's vocabulary."""
+def load_tokenizer(path: str | Path, vocab_size: int | None = None, key: str = "io.tokenizer_path"):
+    """Load an HF tokenizer directory offline; its size must equal the model's vocabulary. Errors name
+    ``key``, the config key or command-line option the path came from."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"io.tokenizer_path {path} is not a tokenizer directory (run `kdtrain make-toy` "
+        raise ConfigError(f"{key} {path} is not a tokenizer directory (run `kdtrain make-toy` "
                           "or point it at a Hugging Face tokenizer directory).")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError, RecursionError) as e:  # what transformers raises for a bad dir
-        raise ConfigError(f"io.tokenizer_path {path} holds no loadable tokenizer ({str(e).splitlines()[0]}); point it at "
+        raise ConfigError(f"{key} {path} holds no loadable tokenizer ({str(e).splitlines()[0]}); point it at "
                           "a Hugging Face tokenizer directory (tokenizer.json or tokenizer.model).") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
