@@ -127,8 +127,10 @@ def test_a_bad_record_is_a_data_error_naming_file_line_and_field(tmp_path, token
     ('{"prompt": "p", "teacher_text": "t", "teacher_topk": {"ids": [[1]], "logprobs": [[-0.1]], '
      '"temperature": 1e400}, "response_ids": [1]}', "positive finite"),
     ('{"prompt": "p", "teacher_text": "t", "n": ' + "9" * 5000 + "}", "more digits"),
+    ('\0'.join('{"prompt": "p", "teacher_text": "t"}'), "looks like UTF-16"),
 ], ids=["unclosed", "trailing-comma", "single-quotes", "bare-keys", "array", "string", "null", "number",
-        "two-objects", "control-char", "nan-logprob", "infinite-logprob", "infinite-temperature", "5000-digit-int"])
+        "two-objects", "control-char", "nan-logprob", "infinite-logprob", "infinite-temperature", "5000-digit-int",
+        "utf-16-without-bom"])
 def test_a_bad_line_is_a_data_error_naming_file_and_line(tmp_path, tokenizer, raw, says):
     path = _write(tmp_path, [json.dumps(GOOD), raw])
     with pytest.raises(DataError, match=says) as e:
@@ -324,10 +326,11 @@ def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, ca
     (["serve-teacher", "{tmp}", "--tokenizer", "{tok}"], "MODEL_DIR"),
     (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--port", "70000"], "--port"),
     (["make-toy", "--out-dir", "{tmp}/file/toy"], "{tmp}/file is a file"),
+    (["smoke", "--out-dir", "{tmp}/file"], "{tmp}/file is a file"),
     (["export", "{tmp}/run/checkpoints/step_00000001", "{tmp}/file/hf"], "{tmp}/file is a file"),
 ], ids=["annotate-device-tpu", "annotate-device-cuda99", "annotate-temperature-nan", "annotate-teacher-not-a-model",
         "annotate-tokenizer-empty", "serve-device-tpu", "serve-dir-not-a-model", "serve-port-70000",
-        "make-toy-under-a-file", "export-under-a-file"])
+        "make-toy-under-a-file", "smoke-into-a-file", "export-under-a-file"])
 def test_a_bad_option_names_the_option(tmp_path, capsys, toy, run_two_steps, argv, says):
     """The option the user gave, not a config key they never wrote (kd.teacher_path), torch's
     traceback or the OS's bare "File exists"."""

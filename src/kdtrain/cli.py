@@ -11,16 +11,24 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
-def cmd_make_toy(a) -> int:
+def _check_out_dir(out_dir: str | None) -> None:
+    """--out-dir, or a directory above it, that is a file: say which, before anything is built."""
     from pathlib import Path
 
     from .config import ConfigError
-    from .toy import make_toy, make_toy_pair
 
-    out = Path(a.out_dir)
+    if out_dir is None:
+        return
+    out = Path(out_dir)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ConfigError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another path.")
+
+
+def cmd_make_toy(a) -> int:
+    from .toy import make_toy, make_toy_pair
+
+    _check_out_dir(a.out_dir)
     paths = make_toy(a.out_dir, a.samples, a.steps, a.dmodel, a.nlayers, a.vocab)
     for key in ("dataset", "config", "model_init", "tokenizer"):
         print(f"{key:10s} {paths[key]}")
@@ -40,6 +48,7 @@ def cmd_make_toy(a) -> int:
 def cmd_smoke(a) -> int:
     from .smoke import run_smoke
 
+    _check_out_dir(a.out_dir)
     return 0 if run_smoke(a.out_dir) else 1
 
 

@@ -316,7 +316,8 @@ class JsonlRecords:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON {_where(self.path, line_no)}: {e.msg} at column {e.colno}.") from None
+            hint = " The line holds NUL characters: the file looks like UTF-16; save it as UTF-8." if "\0" in line else ""
+            raise DataError(f"malformed JSON {_where(self.path, line_no)}: {e.msg} at column {e.colno}.{hint}") from None
         except RecursionError:
             raise DataError(f"malformed record {_where(self.path, line_no)}: nested too deeply to be KD "
                             "JSONL.") from None
