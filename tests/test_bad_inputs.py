@@ -346,6 +346,18 @@ def test_a_bad_option_names_the_option(tmp_path, capsys, toy, run_two_steps, arg
     assert says.replace("{tmp}", str(tmp_path)) in err and "kd.teacher_path" not in err and "io.tokenizer_path" not in err, err
 
 
+@pytest.mark.parametrize("existing", [b"\x8f\xff garbage\n", b"[" * 100000 + b"]" * 100000 + b"\n",
+                                      b'{"__header__": ' + b"9" * 5000 + b"}\n"],
+                         ids=["not-utf-8", "deep-nesting", "5000-digit-int"])
+def test_annotate_into_an_existing_file_that_is_not_its_output_names_it(tmp_path, capsys, toy, existing):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(existing)
+    rc = main(["annotate", str(toy["dataset"]), str(out), "--tokenizer", str(toy["tokenizer"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{out} exists but has no annotate header line" in err, err
+    assert out.read_bytes() == existing  # left as it was
+
+
 # ---- checkpoints whose files were replaced and the manifest rewritten to match ----
 
 @pytest.fixture(scope="module")

@@ -95,10 +95,10 @@ def _completed(path: Path, header: dict) -> int:
         return 0
     raw = path.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]  # everything up to the last newline is whole
-    lines = keep.decode("utf-8").splitlines()
     try:
+        lines = keep.decode("utf-8").splitlines()
         old = json.loads(lines[0]).get("__header__") if lines else None
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):  # not UTF-8, not JSON (or too deep, too long a number), not an object
         old = None
     if not isinstance(old, dict):
         raise DataError(f"{path} exists but has no annotate header line; remove it or choose another output path.")
