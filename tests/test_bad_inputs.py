@@ -1,8 +1,9 @@
-"""A battery of bad inputs: data, config and command line. Each one must end in the error class of
-its stage with a message that names where (file and line, config key, option), never in another
-exception, a traceback or a silent wrong reading. Checkpoints (tampered, torn, non-finite, full
-disks, signals) are in test_checkpoint.py, test_cli.py and test_trainer.py; annotate's in
-test_annotate.py; gen-data's in test_gendata.py."""
+"""A battery of bad inputs: data, config, command line, checkpoints whose files were replaced with
+the manifest rewritten to match, and malformed requests to the teacher server. Each one must end in
+the error class of its stage with a message that names where (file and line, config key, option),
+never in another exception, a traceback or a silent wrong reading. Other checkpoint damage (torn,
+tampered, non-finite, full disks, signals) is in test_checkpoint.py, test_cli.py and
+test_trainer.py; annotate's records in test_annotate.py; gen-data's in test_gendata.py."""
 
 from __future__ import annotations
 
