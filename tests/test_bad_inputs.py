@@ -436,6 +436,17 @@ def test_resuming_with_another_arch_names_the_key_before_building_the_model(tmp_
     assert rc == 2 and "arch.d_ff changed (checkpoint 256, config 128)" in err, err
 
 
+@pytest.mark.parametrize("override", ["arch.d_head=8", "arch.n_layers=3"], ids=["another-shape", "more-layers"])
+def test_init_weights_that_do_not_fit_arch_are_a_config_error(tmp_path, capsys, toy, override):
+    """A fresh run whose init.weights (the toy's initial weights) were made for another arch: a
+    size mismatch (torch raises it) and missing layers both name init.weights and arch."""
+    rc = main(["train", str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.steps=1", "train.device=cpu",
+               "io.val_shards=[]", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "init.weights" in err and "does not fit the model built from arch" in err, err
+
+
 # ---- the teacher server: bad requests get a 4xx with a JSON error, and it keeps serving ----
 
 @pytest.fixture(scope="module")

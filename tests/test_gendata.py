@@ -173,17 +173,22 @@ def test_mix_splits_total_by_ratio_seeded(tmp_path):
     assert len(plan(prompts, 91, 2, None, 0)) == 180
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "no-prompt", "total0", "budget", "few"])
+@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "deep", "bigint", "no-prompt", "total0", "budget",
+                                  "few"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     good = _prompts(tmp_path / "p.jsonl", 3)
     bad = tmp_path / "bad.jsonl"
     args = {"missing": ([tmp_path / "nope.txt"], 2), "empty": ([bad], 2), "malformed": ([good, bad], 2),
+            "deep": ([good, bad], 2), "bigint": ([good, bad], 2),
             "no-prompt": ([bad], 2), "total0": ([good], 0), "budget": ([good], 2), "few": ([good], 4)}[case]
     bad.write_text({"empty": "\n\n", "malformed": '{"prompt": "a"}\n{"prompt": "b"\n',
+                    "deep": '{"prompt": "a"}\n{"prompt": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+                    "bigint": '{"prompt": "a"}\n{"prompt": "b", "x": ' + "9" * 5000 + "}\n",
                     "no-prompt": '{"text": "a"}\n'}.get(case, ""), encoding="utf-8")
     extra = ["--budget", "ten", "--price-in", "1"] if case == "budget" else []
     out = tmp_path / "out.jsonl"
     expect = {"missing": "nope.txt does not exist", "empty": "bad.jsonl is empty", "malformed": "line 2)",
+              "deep": "nested too deeply", "bigint": "integer string conversion",
               "no-prompt": "missing field 'prompt'", "total0": "--total must be at least 1",
               "budget": "--budget: invalid float value: 'ten'", "few": "--total 4 needs more"}[case]
     try:
@@ -193,7 +198,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert expect in err
-    if case == "malformed":
+    if case in ("malformed", "deep", "bigint"):
         assert str(bad) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.jsonl", "bad.jsonl"])
 
@@ -511,6 +516,12 @@ def test_rerun_cuts_a_torn_line_and_refuses_another_commands_file(fake_server, t
     assert sorted(r["id"] for r in got) == sorted(r["id"] for r in full) and len(got) == 6
     assert main(_gen(url, [prompts], out, 6, "--model", "m", "--temperature", 0.5)) == 2
     assert "was not written by gen-data with this" in capsys.readouterr().err
+    for first in (b"[" * 100_000 + b"]" * 100_000, b'{"__header__": ' + b"9" * 5000 + b"}"):  # too deep, too long
+        odd = tmp_path / "odd.jsonl"
+        odd.write_bytes(first + b"\n")
+        assert main(_gen(url, [prompts], odd, 2, "--model", "m", "--temperature", 0)) == 2
+        assert "was not written by gen-data with this" in capsys.readouterr().err
+        assert odd.read_bytes() == first + b"\n"
     empty = tmp_path / "e.jsonl"
     empty.write_bytes(b'{"__head')  # killed while writing the header
     assert main(_gen(url, [prompts], empty, 2, "--model", "m", "--temperature", 0)) == 0

@@ -189,6 +189,10 @@ def _parse_prompt_line(line: str, where: str) -> dict:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON {where}: {e.msg} at column {e.colno}.") from None
+    except RecursionError:
+        raise DataError(f"unreadable JSON {where}: nested too deeply.") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        raise DataError(f"unreadable JSON {where}: {e}.") from None
     if not isinstance(rec, dict):
         raise DataError(f"line is not a JSON object {where}.")
     if "prompt" in rec:
@@ -367,7 +371,7 @@ class Output:
         try:
             lines = raw[: self.keep].decode("utf-8").split("\n")[:-1]
             head = json.loads(lines[0])["__header__"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):  # not UTF-8, not JSON, too deep, huge numbers
             head = None
         if head != self.header:
             raise ConfigError(f"{self.path} exists but was not written by gen-data with this --endpoint, --model and "
@@ -375,7 +379,7 @@ class Output:
         for n, line in enumerate(lines[1:], start=2):
             try:
                 self.ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, RecursionError, KeyError, TypeError):
                 raise DataError(f"{self.path} line {n} is not a gen-data record; the file was edited or written "
                                 "by something else: choose another --out.") from None
 

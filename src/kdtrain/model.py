@@ -186,7 +186,12 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         seeded_init(model, cfg.init.seed, cfg.init.std)
     else:
         state = load_state_dict(cfg.init.weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
+            raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
+                              f"{'; '.join(sizes) or e}; check that arch matches the checkpoint.") from None
         if missing or unexpected:
             raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
                               f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}; "
