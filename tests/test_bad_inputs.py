@@ -323,14 +323,15 @@ def test_a_bad_command_line_exits_2_with_a_message_and_no_traceback(tmp_path, ca
      "--temperature"),
     (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tok}", "--teacher", "{tmp}"], "--teacher"),
     (["annotate", "{data}", "{tmp}/o.jsonl", "--tokenizer", "{tmp}", "--teacher", "{teacher}"], "--tokenizer"),
-    (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--device", "tpu"], "--device 'tpu'"),
-    (["serve-teacher", "{tmp}", "--tokenizer", "{tok}"], "MODEL_DIR"),
+    (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--device", "tpu", "--port", "0"], "--device 'tpu'"),
+    (["serve-teacher", "{tmp}", "--tokenizer", "{tok}", "--port", "0"], "MODEL_DIR"),
     (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--port", "70000"], "--port"),
+    (["serve-teacher", "{teacher}", "--tokenizer", "{tok}", "--port", "{busy}"], "cannot listen on --host 127.0.0.1"),
     (["make-toy", "--out-dir", "{tmp}/file/toy"], "{tmp}/file is a file"),
     (["smoke", "--out-dir", "{tmp}/file"], "{tmp}/file is a file"),
     (["export", "{tmp}/run/checkpoints/step_00000001", "{tmp}/file/hf"], "{tmp}/file is a file"),
 ], ids=["annotate-device-tpu", "annotate-device-cuda99", "annotate-temperature-nan", "annotate-teacher-not-a-model",
-        "annotate-tokenizer-empty", "serve-device-tpu", "serve-dir-not-a-model", "serve-port-70000",
+        "annotate-tokenizer-empty", "serve-device-tpu", "serve-dir-not-a-model", "serve-port-70000", "serve-port-in-use",
         "make-toy-under-a-file", "smoke-into-a-file", "export-under-a-file"])
 def test_a_bad_option_names_the_option(tmp_path, capsys, toy, run_two_steps, argv, says):
     """The option the user gave, not a config key they never wrote (kd.teacher_path), torch's
@@ -338,10 +339,14 @@ def test_a_bad_option_names_the_option(tmp_path, capsys, toy, run_two_steps, arg
     pytest.importorskip("uvicorn") if argv[0] == "serve-teacher" else None
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "run").symlink_to(run_two_steps)
+    import socket
+
+    busy = socket.create_server(("127.0.0.1", 0))  # a port in use
     paths = {"{data}": str(toy["dataset"]), "{tok}": str(toy["tokenizer"]), "{teacher}": str(toy["teacher"]),
-             "{tmp}": str(tmp_path)}
+             "{tmp}": str(tmp_path), "{busy}": str(busy.getsockname()[1])}
     argv = [paths.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
-    rc = main(argv)
+    with busy:
+        rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     assert says.replace("{tmp}", str(tmp_path)) in err and "kd.teacher_path" not in err and "io.tokenizer_path" not in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 
@@ -160,9 +161,17 @@ def cmd_serve_teacher(a) -> int:
 
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be within 0-65535, got {a.port}.")
-    app = load_app(a.model_dir, a.tokenizer, a.device, a.max_batch, a.model_name)
-    print(f"serving {a.model_dir} at http://{a.host}:{a.port}/v1 (model name: {app.state.model_name})", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    # Listen before the model loads: a port in use or a host that is not this machine's fails at once.
+    try:
+        sock = socket.create_server((a.host, a.port), family=socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on --host {a.host} --port {a.port} ({e.strerror or e}): choose a free "
+                          "port, or a host name or address of this machine.") from None
+    with sock:
+        app = load_app(a.model_dir, a.tokenizer, a.device, a.max_batch, a.model_name)
+        port = sock.getsockname()[1]
+        print(f"serving {a.model_dir} at http://{a.host}:{port}/v1 (model name: {app.state.model_name})", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 
