@@ -161,8 +161,8 @@ def zero_grad_missing(mp):
 def data_position_lost_on_resume(mp):
     real = trainer_mod.Trainer._resume
 
-    def resume(self, path):
-        real(self, path)
+    def resume(self, *args):
+        real(self, *args)
         self.sampler.position = 0
 
     mp.setattr(trainer_mod.Trainer, "_resume", resume)
