@@ -285,7 +285,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     checkpoint: a world-size-1 ``model.safetensors`` or a sharded ``dcp/`` from any world size.
     The checkpoint is verified first; the tokenizer is saved to add BOS as training rows do."""
     from .config import load_config
-    from .model import build_student
+    from .model import build_student, state_dict_mismatch
     from .tokenizer import load_tokenizer, save_for_inference
 
     ckpt, out_dir = Path(ckpt), Path(out_dir)
@@ -307,9 +307,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
         except RuntimeError as e:  # names or shapes unlike its config.yaml's arch (files replaced, manifest rewritten)
             if isinstance(e, CheckpointError):
                 raise
-            why = " ".join(str(e).split())[:300]
             raise CheckpointError(f"{ckpt}/model.safetensors does not fit the model its config.yaml describes "
-                                  f"({why}). Export another checkpoint.") from None
+                                  f"({state_dict_mismatch(e)}). Export another checkpoint.") from None
     model.set_attn_implementation("sdpa")  # loadable by plain transformers
     model.save_pretrained(out_dir, safe_serialization=True)
     save_for_inference(load_tokenizer(cfg.io.tokenizer_path), out_dir)

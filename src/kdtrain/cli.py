@@ -14,16 +14,11 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 def _check_out_dir(out_dir: str | None) -> None:
     """--out-dir, or a directory above it, that is a file: say which, before anything is built."""
-    from pathlib import Path
+    from .config import ConfigError, file_in_the_way
 
-    from .config import ConfigError
-
-    if out_dir is None:
-        return
-    out = Path(out_dir)
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(out_dir) if out_dir is not None else None
     if blocking is not None:
-        raise ConfigError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another path.")
+        raise ConfigError(f"--out-dir {out_dir}: {blocking} is a file, not a directory; choose another path.")
 
 
 def cmd_make_toy(a) -> int:

@@ -278,6 +278,12 @@ def _coerce(value: Any, tp, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """``path`` or the first directory above it that exists as a file (nothing can be made under it)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 TOO_MANY_DIGITS = "a number has more digits than Python converts (4300); no config key takes one."
 
 

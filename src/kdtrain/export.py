@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, file_in_the_way
 
 FORMATS = ("hf", "onnx", "coreml")
 PRECISIONS = ("fp16", "fp32")  # Core ML compute precision; ONNX is always fp32
@@ -171,7 +171,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "hf", precision: str = 
                               f"directory such as runs/toy/checkpoints/step_00000050.{hint}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export output {out} already exists and is not empty; remove it or choose a new path.")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(out.parent)
     if blocking is not None:
         raise ConfigError(f"export output {out}: {blocking} is a file, not a directory; choose another path.")
     tmp = out.parent / f".tmp-{out.name}"

@@ -158,6 +158,12 @@ def seeded_init(model: nn.Module, seed: int, std: float) -> None:
                     rows[module.padding_idx - row0].zero_()
 
 
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """The first lines of ``load_state_dict``'s error (shapes, missing or unexpected keys), on one line."""
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
+    return "; ".join(lines[:2])[:300]
+
+
 def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     """The student: from ``init.base_checkpoint`` (local HF dir) or from ``arch`` with a seeded init.
 
@@ -189,9 +195,8 @@ def build_student(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a tensor of another shape
-            sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
             raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
-                              f"{'; '.join(sizes) or e}; check that arch matches the checkpoint.") from None
+                              f"{state_dict_mismatch(e)}; check that arch matches the checkpoint.") from None
         if missing or unexpected:
             raise ConfigError(f"init.weights {cfg.init.weights} does not fit the model built from arch: "
                               f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}; "

@@ -26,9 +26,9 @@ from .config import ConfigError
 ONLINE_TOPK = 64  # row width of an online teacher with another tokenizer
 
 
-def resolve_device(device: str, option: str = "--device") -> torch.device:
+def resolve_device(device: str) -> torch.device:
     """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device
-    this machine lacks is a ConfigError naming ``option``, not torch's failure at the first ``.to``."""
+    this machine lacks is a ConfigError naming ``--device``, not torch's failure at the first ``.to``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -36,13 +36,13 @@ def resolve_device(device: str, option: str = "--device") -> torch.device:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{option} {device!r} is not a device kdtrain runs on; use auto, cpu, cuda, cuda:N or mps.")
+        raise ConfigError(f"--device {device!r} is not a device kdtrain runs on; use auto, cpu, cuda, cuda:N or mps.")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if dev.type == "cuda" and (dev.index or 0) >= n:
-        raise ConfigError(f"{option} {device}: this machine has {n} CUDA device(s); use auto or cpu"
+        raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s); use auto or cpu"
                           + (f", or cuda:0 to cuda:{n - 1}." if n else "."))
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{option} mps: this machine has no MPS device; use auto or cpu.")
+        raise ConfigError("--device mps: this machine has no MPS device; use auto or cpu.")
     return dev
 
 
