@@ -10,7 +10,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # serve-teacher's bench needs the server and client stack; a machine without it gets .whl/serve/ first
-if compgen -G ".whl/serve/*.whl" >/dev/null && ! python3 -c "import fastapi, uvicorn, openai" 2>/dev/null; then
+# (installed once per machine: a later call finds /tmp/serve)
+if [ -d /tmp/serve ]; then
+  export PYTHONPATH="/tmp/serve:$PYTHONPATH"
+elif compgen -G ".whl/serve/*.whl" >/dev/null && ! python3 -c "import fastapi, uvicorn, openai" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/serve .whl/serve/*.whl \
     && export PYTHONPATH="/tmp/serve:$PYTHONPATH"
 fi
