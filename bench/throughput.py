@@ -10,7 +10,8 @@ written to a temporary directory and read by the real data pipeline. The kdtrain
 real `Trainer` (bf16, chunked loss, torch.compile); the naive baseline is an HF forward with
 full logits, fp32 log-softmax and a gather, eager and compiled. `--online` adds the online
 1.1B-teacher mode and its naive counterpart (full-vocabulary KL). Prints tokens/s per GPU, MFU
-(DESIGN.md formula, peak 989 TFLOP/s) and peak memory. ``--grad-accum N`` makes one optimizer
+(DESIGN.md formula, peak 989 TFLOP/s), peak memory, and the step's forward + backward and
+optimizer halves timed apart (medians). ``--grad-accum N`` makes one optimizer
 step cover N micro-batches, for kdtrain and the naive step alike. Under ``torchrun`` each rank
 runs the same per-GPU batch (FSDP2-sharded student) and rank 0 prints tokens/s per GPU.
 ``--curves`` trains the student eagerly for ``--curve-steps`` steps from the same seed and data
@@ -106,16 +107,20 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
     cfg, _ = load_config([], overrides)
     reset()
     trainer = Trainer(cfg, log=False)
-    times = []
+    times, phases = [], []
     for i in range(steps + 3):
         batches = trainer.micro_batches(seq)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with SDPA():
-            row = trainer.train_step(batches)
+        with SDPA():  # train_step's two halves, timed apart (the optimizer half starts with a host sync anyway)
+            sums = trainer.forward_backward(batches)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            row = trainer.optimizer_step(sums)
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
+            phases.append(t1 - t0)
     if PROFILE:
         from torch.profiler import ProfilerActivity, profile
 
@@ -128,7 +133,8 @@ def bench_kdtrain(tmp: Path, seq: int, steps: int, teacher_dir: Path | None, ext
     name = f"kdtrain {'online' if teacher_dir else 'top-64'} seq {seq} x{B}" + (f" x{ACCUM} accum" if ACCUM > 1 else "")
     r = report(name, ACCUM * B * seq, times, f_tok(ARCH, seq), torch.cuda.max_memory_allocated())
     say(f"{'':44s} last step: total {row['total']:.4f}, grad norm {row['grad_norm']:.3f} "
-          f"(clipped above {cfg.optimizer.grad_clip})")
+          f"(clipped above {cfg.optimizer.grad_clip}); forward + backward {1000 * statistics.median(phases):.1f} ms, "
+          f"optimizer {1000 * statistics.median(t - f for t, f in zip(times, phases)):.1f} ms (medians)")
     if teacher_dir:
         sys_flops = f_tok(ARCH, seq) + 2 * teacher_params() + 4 * ARCH["n_layers"] * ARCH["d_model"] * seq
         say(f"{'':44s} system MFU {100 * r['tokens_per_s'] * sys_flops / PEAK:5.1f}%")

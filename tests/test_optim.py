@@ -205,6 +205,64 @@ def test_local_shard_step_equals_torchaos_step_on_fsdp2_shards(tmp_path):
     assert proc.stdout.count("EQUAL") == 2
 
 
+LOCAL_FP32 = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from kdtrain.distributed import grad_norm
+from kdtrain.optim import AdamW
+
+dist.init_process_group("gloo")
+mesh, rank = init_device_mesh("cpu", (2,)), dist.get_rank()
+models = []
+for cls in (torch.optim.AdamW, AdamW):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 5))  # 5 rows: uneven shards
+    fully_shard(model, mesh=mesh)
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        for p in model.parameters():
+            local = torch.randn(p.to_local().shape, generator=gen)
+            p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
+        grads = [p.grad for p in model.parameters()]
+        norm, to_clip = grad_norm(grads)
+        full = torch.nn.utils.get_total_norm(grads).full_tensor()
+        assert not isinstance(norm, DTensor) and torch.allclose(norm, full, rtol=1e-6, atol=0), (norm, full)
+        assert all(type(t) is torch.Tensor and t.data_ptr() == g.to_local().data_ptr() for t, g in zip(to_clip, grads))
+        opt.step()
+    models.append((model, opt))
+(a, oa), (b, ob) = models
+for p, q in zip(a.parameters(), b.parameters()):
+    assert isinstance(q, DTensor) and torch.equal(p.to_local(), q.to_local())
+    for key in ("exp_avg", "exp_avg_sq"):
+        sa, sb = oa.state[p][key], ob.state[q][key]
+        assert isinstance(sb, DTensor) and sb.placements == q.placements and torch.equal(sa.to_local(), sb.to_local())
+print("EQUAL", rank)
+"""
+
+
+@pytest.mark.skipif("not cpu_fsdp_supported()",
+                    reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
+def test_fused_adamw_and_grad_norm_on_local_shards_equal_torchs_dtensor_path(tmp_path):
+    """On two processes' FSDP2 shards: ``optim.AdamW`` (the fused step on local tensors) gives
+    torch's fused AdamW on DTensors exactly, weights and moments, and the moments stay DTensors;
+    ``grad_norm`` returns the global norm and the local gradient shards to clip."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "local_fp32.py"
+    script.write_text(LOCAL_FP32)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("EQUAL") == 2
+
+
 EAGER_KDTRAIN = """
 import sys, torch
 torch.compile = lambda fn=None, **kwargs: fn  # torchao's step, eagerly (see the module docstring)

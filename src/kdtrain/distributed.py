@@ -144,6 +144,28 @@ def shard(model, teacher, state: DistState, cfg: Config):
     return model
 
 
+def grad_norm(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The global 2-norm of ``grads`` and the tensors to clip in place with it.
+
+    FSDP2 shards every gradient as ``Shard(0)`` on one 1-D mesh: each rank takes the norm of its
+    local shards, and the squares are summed across ranks (one all-reduce of one number). The
+    same norm through DTensor dispatches each foreach op over hundreds of DTensors, CPU time
+    during which the GPUs wait (with the AdamW step below: ``optim.AdamW``). Anything else (one
+    process, CPU-offloaded shards) takes the DTensor-aware path of torch.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if grads and isinstance(grads[0], DTensor):
+        mesh = grads[0].device_mesh
+        local = [g._local_tensor for g in grads]
+        if mesh.ndim == 1 and all(isinstance(g, DTensor) and g.device_mesh == mesh and g.placements == (Shard(0),)
+                                  for g in grads) and all(t.device.type == mesh.device_type for t in local):
+            squares = torch.nn.utils.get_total_norm(local).float().square()
+            dist.all_reduce(squares, group=mesh.get_group())
+            return squares.sqrt(), local
+    return torch.nn.utils.get_total_norm(grads), grads
+
+
 def _local_tensors(state):
     """The plain tensors of a state tree: a DTensor's local shard; a tensor subclass's inner
     tensors (torchao's low-bit optimizer state: codes, scales, map), which are what is stored."""

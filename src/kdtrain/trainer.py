@@ -265,8 +265,7 @@ class Trainer:
         """
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor when sharded
+        norm, grads = dist_utils.grad_norm([p.grad for p in self.student.parameters() if p.grad is not None])
         full = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).reshape(1).float()
         read = full if sums is None else torch.cat([sums.float(), full.to(sums.device)])  # CPU offload: norm on CPU
         *values, grad_norm = read.tolist()  # the step's one host sync
@@ -282,7 +281,7 @@ class Trainer:
                                 "Lower optimizer.lr, use bf16 instead of fp16, or check the data.")
         clip = self.cfg.optimizer.grad_clip
         if 0 < clip < grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            torch._foreach_mul_(grads, clip / (grad_norm + 1e-6))  # clip_grads_with_norm_'s factor; DTensors or local shards
         dist_utils.wait_for_staging(self)  # a background checkpoint's host copy is complete before the step
         if self.scaler:
             self.scaler.step(self.optimizer)
