@@ -452,6 +452,72 @@ def test_init_weights_that_do_not_fit_arch_are_a_config_error(tmp_path, capsys, 
     assert "init.weights" in err and "does not fit the model built from arch" in err, err
 
 
+def test_a_model_too_large_for_this_machine_is_refused_before_it_is_built(tmp_path, capsys, toy, monkeypatch):
+    """On the CPU the kernel kills a process that outgrows memory without a word: a run that kdtrain
+    info's estimate puts past the machine's memory (here about 3.6 TiB) is a config error naming the
+    keys, raised before the model is built or the data read."""
+    import kdtrain.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_student", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("the data was read"))
+    rc = main(["train", str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.device=cpu", "init.weights=null",
+               "arch.d_model=16384", "arch.n_layers=64", "arch.d_ff=65536", "arch.n_heads=128", "arch.n_kv_heads=8",
+               "arch.d_head=128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "GiB of memory" in err and "arch.d_model" in err and "train.micro_batch_size" in err, err
+
+
+@pytest.mark.parametrize("per_host", [1, 3])
+def test_the_host_memory_check_refuses_just_past_the_estimate(per_host):
+    """The boundary is kdtrain info's estimate for one rank times the processes on the machine."""
+    from kdtrain.model import check_host_memory, memory_estimate
+
+    cfg, _ = load_config([], ["train.micro_batch_size=64", "train.seq_lengths=[1024]"])
+    need = int(memory_estimate(cfg, 4)["total"]) * per_host
+    check_host_memory(cfg, 4, per_host, have=need + per_host)
+    with pytest.raises(ConfigError, match="GiB of memory"):
+        check_host_memory(cfg, 4, per_host, have=need - per_host)
+
+
+def _oom_cases():
+    import torch
+
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return [cuda_oom("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 1099511627776 bytes."),
+            MemoryError()]
+
+
+@pytest.mark.parametrize("exc", _oom_cases(), ids=["cuda", "cpu-allocator", "python"])
+def test_running_out_of_memory_mid_run_is_a_message_naming_the_keys(tmp_path, capsys, toy, monkeypatch, exc):
+    from kdtrain.trainer import Trainer
+
+    def fit(self, until=None):
+        raise exc
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    rc = main(["train", str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.steps=1", "train.device=cpu",
+               "io.val_shards=[]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "out of memory" in err and "train.micro_batch_size" in err and "kdtrain info" in err, err
+
+
+def test_another_runtime_error_is_not_taken_for_memory(tmp_path, toy, monkeypatch):
+    """A bug must keep its traceback: only allocation failures become the memory message."""
+    from kdtrain.trainer import Trainer
+
+    def fit(self, until=None):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["train", str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.steps=1", "train.device=cpu",
+              "io.val_shards=[]"])
+
+
 # ---- the teacher server: bad requests get a 4xx with a JSON error, and it keeps serving ----
 
 @pytest.fixture(scope="module")

@@ -292,6 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdtrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"kdtrain {args.command}: error: out of memory ({first}). Lower train.micro_batch_size (a larger "
+              "train.grad_accum keeps the batch), set train.grad_checkpointing=auto or true and "
+              "optimizer.state_dtype=8bit, or use more GPUs; `kdtrain info CONFIG` estimates what a config "
+              "needs. The last complete checkpoint, if any, resumes with --resume.", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's, CUDA's caching allocator's or the CPU allocator's."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+        s in str(e) for s in ("can't allocate memory", "out of memory", "not enough memory"))
 
 
 if __name__ == "__main__":

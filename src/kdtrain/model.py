@@ -10,6 +10,7 @@ which keeps the fused flash kernels, eager or compiled.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -345,6 +346,49 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
     hints.append("more GPUs")
     return (f"kdtrain info predicts {need['total'] / 2**30:.1f} GiB per GPU at world size {world_size}, more than "
             f"this GPU's {gpu_bytes / 2**30:.1f} GiB; if it runs out of memory, try " + ", or ".join(hints) + ".")
+
+
+def host_memory() -> int | None:
+    """This machine's memory in bytes, or its container's limit where lower (cgroup v2, then v1);
+    None where the system does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total if total > 0 else None
+
+
+def check_host_memory(cfg: Config, world_size: int, per_host: int = 1, have: int | None = None) -> None:
+    """Refuse a CPU run that cannot fit this machine's memory before anything is built or read:
+    otherwise the kernel kills the process, without a word, once the model outgrows it.
+
+    The need is ``memory_estimate`` for each of the ``per_host`` processes on this machine. It counts
+    activations in bf16, so for a CPU run (fp32) it is a lower bound and never refuses a run that fits.
+    """
+    have = have or host_memory()
+    if not have:
+        return
+    need = memory_estimate(cfg, world_size)["total"] * per_host
+    if need <= have:
+        return
+    hints = ["a smaller arch (arch.d_model, arch.n_layers, arch.d_ff, arch.vocab_size)",
+             "a smaller train.micro_batch_size or max of train.seq_lengths"]
+    if cfg.optimizer.state_dtype == "fp32":
+        hints.append("optimizer.state_dtype=8bit")
+    if not cfg.train.grad_checkpointing:
+        hints.append("train.grad_checkpointing=true")
+    hints.append("GPUs (train.device=cuda)")
+    procs = f" for the {per_host} processes on this machine" if per_host > 1 else ""
+    raise ConfigError(f"this run needs at least {need / 2**30:.1f} GiB{procs} (kdtrain info's estimate for arch and "
+                      f"train), more than this machine's {have / 2**30:.1f} GiB of memory; try " + ", or ".join(hints)
+                      + ".")
 
 
 # ---- the forward that produces the losses ----

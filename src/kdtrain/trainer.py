@@ -26,7 +26,8 @@ from .config import Config, ConfigError, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
-from .model import Distiller, build_student, checkpointed_layers, materialise, memory_warning, step_counts
+from .model import Distiller, build_student, check_host_memory, checkpointed_layers, materialise, memory_warning, \
+    step_counts
 from .optim import build_optimizer, current_lr, set_lr
 from .teacher import online_teacher
 from .tokenizer import load_tokenizer
@@ -122,6 +123,8 @@ class Trainer:
             resume_meta = read_meta(resume_from)
             self._check_resume_config(resume_from, resume_meta)
 
+        if self.device.type == "cpu" and not cfg.init.base_checkpoint:  # (a base checkpoint brings its own arch)
+            check_host_memory(cfg, self.dist.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         vocab = cfg.arch.vocab_size if not cfg.init.base_checkpoint else None
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.io.tokenizer_path, vocab)
