@@ -1,6 +1,7 @@
 """``train.grad_checkpointing: auto``: per sequence length, the fewest decoder layers to checkpoint
 for ``kdtrain info``'s memory estimate to fit the GPU; the layers chosen recompute, the others don't,
-and the step is the same either way."""
+and the step is the same either way. ``train.reshard_after_forward: auto``: sharded layers keep
+their gathered weights for the backward where that fits with the same layers checkpointed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from kdtrain.config import load_config
-from kdtrain.model import AUTO_MEMORY_FRACTION, checkpointed_layers, memory_estimate
+from kdtrain.model import AUTO_MEMORY_FRACTION, checkpointed_layers, memory_estimate, reshards_after_forward
 from kdtrain.trainer import Trainer
 
 WORKER = str(Path(__file__).resolve().parents[1] / "configs" / "worker_9b.yaml")
@@ -64,7 +65,7 @@ def test_auto_recomputes_exactly_the_planned_layers_and_steps_the_same(make_cfg)
     seq = 64
     budget = memory_estimate(auto.cfg, 1, seq, 1)["total"] / AUTO_MEMORY_FRACTION
     assert memory_estimate(auto.cfg, 1, seq, 0)["total"] > AUTO_MEMORY_FRACTION * budget  # 0 would not fit
-    auto._plan_checkpointing(seq, int(budget) + 1)
+    auto._plan(seq, int(budget) + 1)
     assert auto.checkpointed_layers == 1
     counts = _forward_counts(auto)
     got = auto.train_step(auto.micro_batches(seq))
@@ -81,3 +82,25 @@ def test_auto_on_the_cpu_checkpoints_nothing(make_cfg):
     counts = _forward_counts(trainer)
     trainer.train_step(trainer.micro_batches(64))
     assert trainer.checkpointed_layers == 0 and all(c[0] == trainer.cfg.train.grad_accum * 1 for c in counts)
+
+
+def test_auto_keeps_gathered_weights_only_where_that_fits_without_more_recompute():
+    cfg, _ = load_config([WORKER], ["train.grad_checkpointing=auto", "optimizer.state_dtype=8bit",
+                                    "train.compile=true"])
+    gib = 2**30
+    plans = {}
+    for gpu in (79.2, 139.8):
+        for seq in (4096, 8192, 16384):
+            k = checkpointed_layers(cfg, 2, seq, int(gpu * gib))
+            keep = not reshards_after_forward(cfg, 2, seq, k, int(gpu * gib))
+            need = memory_estimate(cfg, 2, seq, k, reshard=False)["total"]
+            assert keep == (need <= AUTO_MEMORY_FRACTION * gpu * gib), (gpu, seq)
+            plans[gpu, seq] = keep
+    # The 80 GB card is full at every length; the 141 GB one keeps them until seq 16384 needs the room.
+    assert plans == {(79.2, 4096): False, (79.2, 8192): False, (79.2, 16384): False,
+                     (139.8, 4096): True, (139.8, 8192): True, (139.8, 16384): False}
+    assert reshards_after_forward(cfg, 1, 4096, 0, 10**15)  # one process: nothing to keep
+    assert reshards_after_forward(cfg, 2, 4096, 0, None)  # no GPU size (the CPU): reshard
+    for fixed in (True, False):
+        cfg.train.reshard_after_forward = fixed
+        assert reshards_after_forward(cfg, 2, 4096, 0, 10**15) is fixed

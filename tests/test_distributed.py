@@ -46,12 +46,16 @@ def torchrun(n: int, toy: dict, out: Path, device: str, *overrides: str, resume:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("reshard", ["auto", "false"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fsdp2_on_two_ranks_matches_one(toy, tmp_path, device):
+def test_fsdp2_on_two_ranks_matches_one(toy, tmp_path, device, reshard):
     """Same global batch (1 rank: 2 x accumulation 2; 2 ranks: 1 x 2 each), fp32: same losses,
-    grad norms and validation (gradients are summed across ranks, not averaged)."""
+    grad norms and validation (gradients are summed across ranks, not averaged). Layers that
+    reshard after the forward and layers that keep their gathered weights for the backward (auto
+    keeps them on GPUs, where the toy fits, and reshards on the CPU) give the same steps."""
     one = torchrun(1, toy, tmp_path / "one", device, "train.steps=4", "train.micro_batch_size=2", "train.grad_accum=2")
-    two = torchrun(2, toy, tmp_path / "two", device, "train.steps=4", "train.micro_batch_size=1", "train.grad_accum=2")
+    two = torchrun(2, toy, tmp_path / "two", device, "train.steps=4", "train.micro_batch_size=1", "train.grad_accum=2",
+                   f"train.reshard_after_forward={reshard}")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for key in ("total", "kl_div", "ce_teacher", "ce_ground_truth", "grad_norm"):

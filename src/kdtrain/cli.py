@@ -78,7 +78,7 @@ def cmd_info(a) -> int:
     import yaml
 
     from .config import ConfigError, load_config
-    from .model import checkpointed_layers, flops_per_token, memory_estimate, param_counts
+    from .model import checkpointed_layers, flops_per_token, memory_estimate, param_counts, reshards_after_forward
 
     files, overrides = _split(a.items)
     if not files:
@@ -98,12 +98,21 @@ def cmd_info(a) -> int:
           f"{mem['build'] / 2**30:.2f}, end of forward {mem['forward_end'] / 2**30:.2f}, backward "
           f"{mem['backward'] / 2**30:.2f} (of which {parts} GiB)"
           + (" with every layer checkpointed" if cfg.train.grad_checkpointing == "auto" else ""))
-    if cfg.train.grad_checkpointing == "auto":  # the estimate above checkpoints every layer
+    t, L = cfg.train, cfg.arch.n_layers
+    if t.grad_checkpointing == "auto":  # the estimate above checkpoints every layer
         for name, gib in GPU_SIZES.items():
             plan = ", ".join(f"seq {S}: {checkpointed_layers(cfg, a.world_size, S, int(gib * 2**30))}"
-                             for S in cfg.train.seq_lengths)
-            print(f"grad_checkpointing auto on {name} ({gib} GiB): decoder layers checkpointed of "
-                  f"{cfg.arch.n_layers}: {plan}")
+                             for S in t.seq_lengths)
+            print(f"grad_checkpointing auto on {name} ({gib} GiB): decoder layers checkpointed of {L}: {plan}")
+    if t.reshard_after_forward == "auto" and a.world_size > 1:  # the estimate above reshards
+        for name, gib in GPU_SIZES.items():
+            size = int(gib * 2**30)
+            plan = ", ".join(
+                f"seq {S}: " + ("reshard" if reshards_after_forward(cfg, a.world_size, S, k, size) else "keep")
+                for S in t.seq_lengths
+                for k in [checkpointed_layers(cfg, a.world_size, S, size) if t.grad_checkpointing == "auto"
+                          else L if t.grad_checkpointing else 0])
+            print(f"reshard_after_forward auto on {name} ({gib} GiB): gathered weights after the forward: {plan}")
     return 0
 
 

@@ -108,7 +108,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on CUDA)
     grad_checkpointing: bool | str = False  # true | false | auto (per sequence length, the fewest layers that fit the GPU)
     cpu_offload: bool = False  # FSDP2: sharded params, grads and AdamW state in CPU memory (step on CPU)
-    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward (false: keep them for the backward)
+    reshard_after_forward: bool | str = "auto"  # FSDP2: free each layer's gathered weights after its forward | false: keep them for the backward | auto: false where it fits the GPU
     compile: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the fused output-projection + loss
     device: str = "auto"  # auto | cpu | cuda
@@ -394,6 +394,8 @@ def validate(cfg: Config, sources: dict | None = None) -> None:
                  "shorten it or raise arch.max_seq_len.")
     if t.grad_checkpointing not in (True, False, "auto"):
         fail("train.grad_checkpointing", f"must be true, false or auto, got {t.grad_checkpointing!r}.")
+    if t.reshard_after_forward not in (True, False, "auto"):
+        fail("train.reshard_after_forward", f"must be true, false or auto, got {t.reshard_after_forward!r}.")
     if t.precision not in ("fp32", "bf16", "fp16"):
         fail("train.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'.")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -121,10 +121,11 @@ def shard(model, teacher, state: DistState, cfg: Config):
     layers = model.student.model.layers
     for i, layer in enumerate(layers):
         # The last layer's gather is reused right away by backward: keep it. With
-        # train.reshard_after_forward=false every layer keeps its gather until its backward.
+        # train.reshard_after_forward=false every layer keeps its gather until its backward (auto:
+        # the trainer decides per sequence length, ``Trainer._plan``).
         last = i == len(layers) - 1
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
-                    reshard_after_forward=cfg.train.reshard_after_forward and not last)
+                    reshard_after_forward=cfg.train.reshard_after_forward is not False and not last)
     fully_shard(model, mesh=mesh, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)
     # Each rank's loss is already divided by the global token count: gradients must be summed
     # across ranks, not averaged (FSDP's default divides by the world size).

@@ -27,7 +27,7 @@ from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
 from .model import Distiller, build_student, check_host_memory, checkpointed_layers, materialise, memory_warning, \
-    step_counts
+    reshards_after_forward, step_counts
 from .optim import build_optimizer, current_lr, set_lr
 from .teacher import online_teacher
 from .tokenizer import load_tokenizer
@@ -148,6 +148,7 @@ class Trainer:
         if t.grad_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.checkpointed_layers = self.cfg.arch.n_layers if t.grad_checkpointing else 0  # auto: set per length
+        self.reshard_after_forward = t.reshard_after_forward is not False  # auto: set per length (sharded runs)
         self._planned_seq = None
         self.teacher = None
         if cfg.kd.teacher == "online":
@@ -193,8 +194,8 @@ class Trainer:
     def micro_batches(self, seq_len: int) -> list[dict]:
         """This rank's micro-batches of the next optimizer step (the global batch is split by rank)."""
         t, r, w = self.cfg.train, self.dist.rank, self.dist.world_size
-        if t.grad_checkpointing == "auto" and seq_len != self._planned_seq:
-            self._plan_checkpointing(seq_len)
+        if "auto" in (t.grad_checkpointing, t.reshard_after_forward) and seq_len != self._planned_seq:
+            self._plan(seq_len)
         idx = self.sampler.take(t.micro_batch_size * t.grad_accum * w)
         k = self.train_data.k if self.cfg.kd.teacher == "topk" else 0
         out = []
@@ -205,22 +206,40 @@ class Trainer:
             out.append(self._teacher_rows({key: v.to(self.device, non_blocking=True) for key, v in b.items()}))
         return out
 
-    def _plan_checkpointing(self, seq_len: int, gpu_bytes: int | None = None) -> None:
-        """``train.grad_checkpointing: auto``: at each new sequence length, checkpoint the first
-        ``checkpointed_layers`` decoder layers, the fewest for which ``kdtrain info``'s estimate fits
-        ``gpu_bytes`` (default: this GPU's memory; on the CPU none are). The lowest layers are the
-        ones checkpointed: by the time the backward reaches them, the later layers' activations are
-        freed, and the recompute reuses that memory."""
+    def _plan(self, seq_len: int, gpu_bytes: int | None = None) -> None:
+        """The ``auto`` settings, at each new sequence length, from ``kdtrain info``'s estimate for
+        ``gpu_bytes`` (default: this GPU's memory; on the CPU nothing is checkpointed and layers reshard).
+
+        - ``train.grad_checkpointing: auto``: checkpoint the first ``checkpointed_layers`` decoder
+          layers, the fewest for which the estimate fits. The lowest layers are the ones
+          checkpointed: by the time the backward reaches them, the later layers' activations are
+          freed, and the recompute reuses that memory.
+        - ``train.reshard_after_forward: auto`` (sharded runs): keep every layer's gathered weights
+          for its backward (one all-gather per layer and micro-batch fewer) when that fits too, with
+          the same layers checkpointed (``reshards_after_forward``).
+        """
         self._planned_seq = seq_len
-        L = self.cfg.arch.n_layers
+        cfg, L = self.cfg, self.cfg.arch.n_layers
         if gpu_bytes is None and self.device.type == "cuda":
             gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
-        k = checkpointed_layers(self.cfg, self.dist.world_size, seq_len, gpu_bytes) if gpu_bytes else 0
-        for i, layer in enumerate(self.student.model.layers):
-            layer.gradient_checkpointing = i < k
-        self.checkpointed_layers = k
-        if self.dist.rank == 0 and self.cfg.tracing.console_log:
-            print(f"train.grad_checkpointing=auto: seq {seq_len}: {k} of {L} decoder layers checkpointed", flush=True)
+        notes = []
+        if cfg.train.grad_checkpointing == "auto":
+            k = checkpointed_layers(cfg, self.dist.world_size, seq_len, gpu_bytes) if gpu_bytes else 0
+            for i, layer in enumerate(self.student.model.layers):
+                layer.gradient_checkpointing = i < k
+            self.checkpointed_layers = k
+            notes.append(f"{k} of {L} decoder layers checkpointed")
+        if cfg.train.reshard_after_forward == "auto" and self.dist.enabled:
+            reshard = reshards_after_forward(cfg, self.dist.world_size, seq_len, self.checkpointed_layers, gpu_bytes)
+            layers = self.student.model.layers
+            if hasattr(layers[0], "set_reshard_after_forward"):  # (a torch without it keeps resharding)
+                for layer in layers[:-1]:  # the last layer's gather always stays for the backward
+                    layer.set_reshard_after_forward(reshard, recurse=False)
+                self.reshard_after_forward = reshard
+            notes.append("layers reshard after forward" if self.reshard_after_forward else
+                         "gathered weights kept for the backward")
+        if notes and self.dist.rank == 0 and cfg.tracing.console_log:
+            print(f"auto plan at seq {seq_len}: " + "; ".join(notes), flush=True)
 
     def _teacher_rows(self, batch: dict) -> dict:
         """A teacher with another tokenizer gives sparse rows before the step is counted (kl_div is
