@@ -110,13 +110,14 @@ def worker(a) -> None:
         tps = across(statistics.mean(r["tokens"] for r in rows), dist.ReduceOp.SUM) / world / dt
         peak = across(torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0, dist.ReduceOp.MAX)
         mfu = tps * flops_per_token(cfg.arch, seq) / PEAK
-        k = trainer.checkpointed_layers
-        predicted = memory_estimate(cfg, world, seq, k)["total"] / 2**30
+        k, reshard = trainer.checkpointed_layers, trainer.reshard_after_forward
+        predicted = memory_estimate(cfg, world, seq, k, reshard)["total"] / 2**30
         results.append({"seq": seq, "tokens_per_s_per_gpu": tps, "mfu": mfu, "peak_gib": peak, "step_s": dt,
-                        "warmup_s": warm, "checkpointed_layers": k, "predicted_gib": predicted,
-                        "totals": [r["total"] for r in rows]})
+                        "warmup_s": warm, "checkpointed_layers": k, "reshard_after_forward": reshard,
+                        "predicted_gib": predicted, "totals": [r["total"] for r in rows]})
         say(f"seq {seq:6d}: {tps:8,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:5.1f} GiB/GPU (kdtrain info "
-            f"{predicted:.1f}; {k}/{cfg.arch.n_layers} layers checkpointed)  step {dt:.2f} s (warm-up {warm:.1f} s)  "
+            f"{predicted:.1f}; {k}/{cfg.arch.n_layers} layers checkpointed, gathered weights "
+            f"{'resharded' if reshard else 'kept'})  step {dt:.2f} s (warm-up {warm:.1f} s)  "
             f"loss {rows[-1]['total']:.4f}", flush=True)
         if a.profile and seq == a.seqs[0]:
             profile_step(lambda: step(seq), rank, cuda)
