@@ -63,11 +63,14 @@ def test_fsdp2_on_two_ranks_matches_one(toy, tmp_path, device, reshard):
     assert "val_total" in two[-1] and two[-1]["val_total"] == pytest.approx(one[-1]["val_total"], rel=1e-4)
 
 
+@pytest.mark.parametrize("reshard", ["auto", "false"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path, device):
+def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path, device, reshard):
+    """Each checkpoint follows an evaluation, whose forwards leave layers that keep their gathered
+    weights (reshard false; auto on GPUs) unsharded when the state is saved."""
     args = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.micro_batch_size=1",
-            "train.grad_accum=2"]
-    full = torchrun(2, toy, tmp_path / "run", device, *args)
+            "train.grad_accum=2", "train.eval_every=2"]
+    full = torchrun(2, toy, tmp_path / "run", device, *args, f"train.reshard_after_forward={reshard}")
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "dcp").is_dir()
     for n in (2, 1):
         out = tmp_path / f"resume{n}"
