@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdtrain {args.command}: error: out of memory ({first}). Lower train.micro_batch_size (a larger "
               "train.grad_accum keeps the batch), set train.grad_checkpointing=auto or true and "
               "optimizer.state_dtype=8bit, or use more GPUs; `kdtrain info CONFIG` estimates what a config "
-              "needs. The last complete checkpoint, if any, resumes with --resume.", file=sys.stderr)
+              "needs." + (" The last complete checkpoint, if any, resumes with --resume." if args.command == "train"
+                          else ""), file=sys.stderr)
         return 2
 
 
