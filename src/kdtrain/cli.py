@@ -305,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"kdtrain {args.command}: error: out of memory ({first}). Lower train.micro_batch_size (a larger "
-              "train.grad_accum keeps the batch), set train.grad_checkpointing=auto or true and "
-              "optimizer.state_dtype=8bit, or use more GPUs; `kdtrain info CONFIG` estimates what a config "
-              "needs." + (" The last complete checkpoint, if any, resumes with --resume." if args.command == "train"
-                          else ""), file=sys.stderr)
+        if args.command in ("train", "smoke"):
+            fix = ("Lower train.micro_batch_size (a larger train.grad_accum keeps the batch), set "
+                   "train.grad_checkpointing=auto or true and optimizer.state_dtype=8bit, or use more GPUs; `kdtrain "
+                   "info CONFIG` estimates what a config needs.") + (
+                " The last complete checkpoint, if any, resumes with --resume." if args.command == "train" else "")
+        elif args.command == "annotate":
+            fix = "Lower --batch-size or --max-len, or run the teacher on a device with more memory (--device)."
+        else:
+            fix = "Free memory on this machine or run on one with more."
+        print(f"kdtrain {args.command}: error: out of memory ({first}). {fix}", file=sys.stderr)
         return 2
 
 
