@@ -151,7 +151,7 @@ def grad_norm(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
     FSDP2 shards every gradient as ``Shard(0)`` on one 1-D mesh: each rank takes the norm of its
     local shards, and the squares are summed across ranks (one all-reduce of one number). The
     same norm through DTensor dispatches each foreach op over hundreds of DTensors, CPU time
-    during which the GPUs wait (with the AdamW step below: ``optim.AdamW``). Anything else (one
+    during which the GPUs wait (like the AdamW step: ``optim.local_shards``). Anything else (one
     process, CPU-offloaded shards) takes the DTensor-aware path of torch.
     """
     from torch.distributed.tensor import DTensor, Shard
