@@ -480,6 +480,42 @@ def test_the_host_memory_check_refuses_just_past_the_estimate(per_host):
         check_host_memory(cfg, 4, per_host, have=need - per_host)
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_memory_limit_is_the_lowest_on_the_way_from_this_cgroup_to_the_root(tmp_path, version):
+    from kdtrain.model import _cgroup_limits
+
+    mount = tmp_path / "cgroup"
+    if version == "v2":
+        proc, base, name = "0::/slice/job\n", mount, "memory.max"
+    else:
+        proc, base, name = "5:cpu:/\n4:memory:/slice/job\n", mount / "memory", "memory.limit_in_bytes"
+    (base / "slice" / "job").mkdir(parents=True)
+    (base / name).write_text("max\n")  # the root: no limit
+    (base / "slice" / name).write_text("8589934592\n")  # the parent's limit binds
+    (base / "slice" / "job" / name).write_text("17179869184\n")
+    (tmp_path / "cgroup.txt").write_text(proc)
+    assert min(_cgroup_limits(str(tmp_path / "cgroup.txt"), str(mount))) == 8589934592
+    assert _cgroup_limits(str(tmp_path / "missing"), str(mount)) == []
+
+
+def test_running_out_of_memory_while_resuming_is_not_called_a_damaged_checkpoint(tmp_path, capsys, toy, run_two_steps,
+                                                                                  monkeypatch):
+    import shutil
+
+    import kdtrain.trainer as trainer_mod
+
+    def load(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(trainer_mod, "load_checkpoint", load)
+    run = tmp_path / "run"
+    shutil.copytree(run_two_steps, run)
+    rc = main(["train", str(toy["config"]), f"io.output_dir={run}", "train.steps=3", "train.device=cpu",
+               "io.val_shards=[]", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "out of memory" in err and "were changed" not in err and "Traceback" not in err, err
+
+
 def _oom_cases():
     import torch
 
@@ -487,10 +523,10 @@ def _oom_cases():
     return [cuda_oom("CUDA out of memory. Tried to allocate 20.00 GiB"),
             RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
                          "you tried to allocate 1099511627776 bytes."),
-            MemoryError()]
+            MemoryError(), RuntimeError("mmap failed: Cannot allocate memory")]
 
 
-@pytest.mark.parametrize("exc", _oom_cases(), ids=["cuda", "cpu-allocator", "python"])
+@pytest.mark.parametrize("exc", _oom_cases(), ids=["cuda", "cpu-allocator", "python", "errno-12"])
 def test_running_out_of_memory_mid_run_is_a_message_naming_the_keys(tmp_path, capsys, toy, monkeypatch, exc):
     from kdtrain.trainer import Trainer
 

@@ -83,6 +83,48 @@ def test_sharded_checkpoint_saved_on_two_resumes_on_one_and_two(toy, tmp_path, d
             assert a["total"] == pytest.approx(b["total"], rel=1e-4), n
 
 
+KEEP_PLAN = '''
+import sys
+from torch.distributed.tensor import DTensor
+from kdtrain.config import load_config
+from kdtrain.trainer import Trainer
+
+cfg, _ = load_config([sys.argv[1]], sys.argv[2:])
+trainer = Trainer(cfg, log=False)
+layers = trainer.student.model.layers
+seen = []
+for layer in layers:  # after FSDP2's own post-forward hook: is the layer's weight sharded again?
+    layer.register_forward_hook(lambda m, args, out: seen.append(isinstance(m.mlp.up_proj.weight, DTensor)))
+sharded = lambda: [isinstance(layer.mlp.up_proj.weight, DTensor) for layer in layers]
+seq = cfg.train.seq_lengths[0]
+for gpu_bytes, want in ((10**15, [False] * len(layers)), (1, [True] * (len(layers) - 1) + [False])):
+    trainer._plan(seq, gpu_bytes)  # room to keep every layer's gather; then none
+    seen.clear()
+    trainer.train_step(trainer.micro_batches(seq))
+    assert seen == want * cfg.train.grad_accum, (gpu_bytes, seen)
+    assert all(sharded()), sharded()  # the backward reshards them all
+    trainer.evaluate()
+    assert all(sharded()), sharded()  # and so does the evaluation, with no backward
+print("PLANNED", trainer.dist.rank)
+'''
+
+
+@pytest.mark.skipif("not cpu_fsdp_supported()", reason=f"FSDP2 on gloo needs a newer torch than {torch.__version__}")
+def test_reshard_after_forward_auto_keeps_or_frees_the_gathered_weights_as_planned(toy, tmp_path):
+    """With room on the card (a GPU size given to the plan), every layer keeps its gathered weights
+    from its forward to its backward; without, all but the last reshard after their forward.
+    Either way the backward and the evaluation leave every layer sharded."""
+    script = tmp_path / "keep_plan.py"
+    script.write_text(KEEP_PLAN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.micro_batch_size=1",
+           "train.grad_accum=2", "tracing.console_log=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("PLANNED") == 2
+
+
 SLOW_WRITER = '''
 import sys, time
 from torch.distributed.checkpoint.filesystem import FileSystemWriter

@@ -231,6 +231,15 @@ from kdtrain.optim import local_shards
 
 dist.init_process_group("gloo")
 mesh, rank = init_device_mesh("cpu", (2,)), dist.get_rank()
+kernel, kinds = torch._fused_adamw_, []
+
+
+def fused_adamw(params, *args, **kwargs):  # which tensors the fused kernel is handed
+    kinds.append({type(t) for t in params})
+    return kernel(params, *args, **kwargs)
+
+
+torch._fused_adamw_ = fused_adamw
 models = []
 for local in (False, True):
     torch.manual_seed(0)
@@ -241,14 +250,16 @@ for local in (False, True):
     for step in range(3):
         gen = torch.Generator().manual_seed(100 * step + rank)
         for p in model.parameters():
-            local = torch.randn(p.to_local().shape, generator=gen)
-            p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
+            shard = torch.randn(p.to_local().shape, generator=gen)
+            p.grad = DTensor.from_local(shard, mesh, p.placements, shape=p.shape, stride=p.stride())
         grads = [p.grad for p in model.parameters()]
         norm, to_clip = grad_norm(grads)
         full = torch.nn.utils.get_total_norm(grads).full_tensor()
         assert not isinstance(norm, DTensor) and torch.allclose(norm, full, rtol=1e-6, atol=0), (norm, full)
         assert all(type(t) is torch.Tensor and t.data_ptr() == g.to_local().data_ptr() for t, g in zip(to_clip, grads))
+        kinds.clear()
         opt.step()
+        assert kinds == [{torch.Tensor if local else DTensor}], kinds  # local: the shards, not the DTensors
     models.append((model, opt))
 (a, oa), (b, ob) = models
 for p, q in zip(a.parameters(), b.parameters()):

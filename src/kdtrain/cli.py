@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdtrain {args.command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not _out_of_memory(e):
+        from .config import out_of_memory
+
+        if not out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if args.command in ("train", "smoke"):
@@ -316,12 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             fix = "Free memory on this machine or run on one with more."
         print(f"kdtrain {args.command}: error: out of memory ({first}). {fix}", file=sys.stderr)
         return 2
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation that failed: Python's, CUDA's caching allocator's or the CPU allocator's."""
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
-        s in str(e) for s in ("can't allocate memory", "out of memory", "not enough memory"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration the user must fix; the message says what to change."""
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's, CUDA's caching allocator's, the CPU
+    allocator's or the OS's (errno 12)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+        s in str(e) for s in ("can't allocate memory", "Cannot allocate memory", "out of memory", "not enough memory"))
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader that also reads ``1e-3`` and ``1E5`` as numbers: YAML 1.1 (PyYAML)
     needs a dot in a float (``1.0e-3``) and would hand ``1e-3`` over as the string '1e-3'."""

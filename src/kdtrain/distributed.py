@@ -156,11 +156,11 @@ def grad_norm(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    if grads and isinstance(grads[0], DTensor):
-        mesh = grads[0].device_mesh
+    mesh = grads[0].device_mesh if grads and isinstance(grads[0], DTensor) else None
+    if mesh is not None and mesh.ndim == 1 and all(
+            isinstance(g, DTensor) and g.device_mesh == mesh and g.placements == (Shard(0),) for g in grads):
         local = [g._local_tensor for g in grads]
-        if mesh.ndim == 1 and all(isinstance(g, DTensor) and g.device_mesh == mesh and g.placements == (Shard(0),)
-                                  for g in grads) and all(t.device.type == mesh.device_type for t in local):
+        if all(t.device.type == mesh.device_type for t in local):
             squares = torch.nn.utils.get_total_norm(local).float().square()
             dist.all_reduce(squares, group=mesh.get_group())
             return squares.sqrt(), local

@@ -371,40 +371,65 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
 
 
 def host_memory() -> int | None:
-    """This machine's memory in bytes, or its container's limit where lower (cgroup v2, then v1);
-    None where the system does not say."""
+    """This machine's memory in bytes, or the lowest limit of this process's memory cgroup and its
+    ancestors where lower (cgroup v2; v1's memory controller); None where the system does not say."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
         return None
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for limit in _cgroup_limits():
+        total = min(total, limit)
+    return total if total > 0 else None
+
+
+def _cgroup_limits(proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> list[int]:
+    """The numeric memory limits on the way from this process's cgroup up to the root."""
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: 0::/path
+            root, name = Path(mount), "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = Path(mount) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        here = root / path.strip("/")
+        files += [d / name for d in (here, *here.parents) if d == root or root in d.parents]
+    limits = []
+    for f in files:
         try:
-            limit = Path(path).read_text().strip()
+            text = f.read_text().strip()
         except OSError:
             continue
-        if limit.isdigit():
-            total = min(total, int(limit))
-    return total if total > 0 else None
+        if text.isdigit():
+            limits.append(int(text))
+    return limits
 
 
 def check_host_memory(cfg: Config, world_size: int, per_host: int = 1, have: int | None = None) -> None:
     """Refuse a CPU run that cannot fit this machine's memory before anything is built or read:
     otherwise the kernel kills the process, without a word, once the model outgrows it.
 
-    The need is ``memory_estimate`` for each of the ``per_host`` processes on this machine. It counts
-    activations in bf16, so for a CPU run (fp32) it is a lower bound and never refuses a run that fits.
+    The need is ``memory_estimate`` for each of the ``per_host`` processes on this machine, with the
+    layers a CPU run checkpoints (``auto``: none). It counts activations in bf16, half of what an
+    fp32 CPU run keeps, so the run it refuses would need at least that much.
     """
     have = have or host_memory()
     if not have:
         return
-    need = memory_estimate(cfg, world_size)["total"] * per_host
+    k = 0 if cfg.train.grad_checkpointing == "auto" else None
+    need = memory_estimate(cfg, world_size, checkpointed=k)["total"] * per_host
     if need <= have:
         return
     hints = ["a smaller arch (arch.d_model, arch.n_layers, arch.d_ff, arch.vocab_size)",
              "a smaller train.micro_batch_size or max of train.seq_lengths"]
     if cfg.optimizer.state_dtype == "fp32":
         hints.append("optimizer.state_dtype=8bit")
-    if not cfg.train.grad_checkpointing:
+    if cfg.train.grad_checkpointing is not True:
         hints.append("train.grad_checkpointing=true")
     hints.append("GPUs (train.device=cuda)")
     procs = f" for the {per_host} processes on this machine" if per_host > 1 else ""

@@ -22,7 +22,7 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, model_shape, read_meta, \
     save_checkpoint
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, out_of_memory, save_config
 from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
@@ -350,6 +350,9 @@ class Trainer:
                 out = self.model(b, counts, self.teacher)
             sums += torch.stack([out[c].detach().float() for c in COMPONENTS])
         sums = self.dist.all_reduce_sum(sums)
+        if self.dist.enabled:  # layers that keep their gathers for a backward hold them after no-grad forwards
+            for layer in self.student.model.layers:
+                layer.reshard()
         row = {f"val_{c}": v for c, v in zip(COMPONENTS, sums.tolist())}
         row["val_ppl"] = math.exp(min(row["val_ce_teacher"], 50.0))
         return row
@@ -431,9 +434,11 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
             if self.scaler and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
-        except (CheckpointError, torch.OutOfMemoryError):
+        except CheckpointError:
             raise
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            if out_of_memory(e):  # not the checkpoint's fault: the command line's message says what helps
+                raise
             why = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"cannot resume from {path}: its files do not fit this model, optimizer or trainer "
                                   f"({why}); they were changed after kdtrain wrote them. Resume from another "
