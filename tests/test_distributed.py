@@ -89,7 +89,7 @@ from torch.distributed.tensor import DTensor
 from kdtrain.config import load_config
 from kdtrain.trainer import Trainer
 
-cfg, _ = load_config([sys.argv[1]], sys.argv[2:])
+cfg, _ = load_config([sys.argv[2]], sys.argv[3:])  # argv: train CONFIG overrides (``launch``)
 trainer = Trainer(cfg, log=False)
 layers = trainer.student.model.layers
 seen = []
@@ -116,11 +116,8 @@ def test_reshard_after_forward_auto_keeps_or_frees_the_gathered_weights_as_plann
     Either way the backward and the evaluation leave every layer sharded."""
     script = tmp_path / "keep_plan.py"
     script.write_text(KEEP_PLAN)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           str(toy["config"]), f"io.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.micro_batch_size=1",
-           "train.grad_accum=2", "tracing.console_log=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = launch(2, toy, tmp_path / "run", "cpu", "train.micro_batch_size=1", "train.grad_accum=2",
+                  entry=(str(script),))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("PLANNED") == 2
 

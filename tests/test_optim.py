@@ -191,18 +191,22 @@ print("EQUAL", rank)
 def test_local_shard_step_equals_torchaos_step_on_fsdp2_shards(tmp_path):
     """On two processes' FSDP2 shards, the step on local tensors gives torchao's DTensor step's
     weights and moments exactly, and the moments stay DTensors with the parameters' placements."""
+    assert _on_two_gloo_ranks(tmp_path / "local_shard_step.py", LOCAL_SHARD_STEP).count("EQUAL") == 2
+
+
+def _on_two_gloo_ranks(script, text: str) -> str:
+    """``text`` written to ``script`` and run by ``torchrun`` on 2 processes; their stdout."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    script = tmp_path / "local_shard_step.py"
-    script.write_text(LOCAL_SHARD_STEP)
+    script.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("EQUAL") == 2
+    return proc.stdout
 
 
 def test_patches_of_torchs_adamw_step_reach_the_built_optimizer_and_so_do_their_undoing():
@@ -277,18 +281,7 @@ def test_fused_adamw_and_grad_norm_on_local_shards_equal_torchs_dtensor_path(tmp
     """On two processes' FSDP2 shards: ``optim.local_shards`` (the fused step on local tensors) gives
     torch's fused AdamW on DTensors exactly, weights and moments, and the moments stay DTensors;
     ``grad_norm`` returns the global norm and the local gradient shards to clip."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "local_fp32.py"
-    script.write_text(LOCAL_FP32)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("EQUAL") == 2
+    assert _on_two_gloo_ranks(tmp_path / "local_fp32.py", LOCAL_FP32).count("EQUAL") == 2
 
 
 EAGER_KDTRAIN = """

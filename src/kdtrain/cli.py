@@ -107,11 +107,9 @@ def cmd_info(a) -> int:
     if t.reshard_after_forward == "auto" and a.world_size > 1:  # the estimate above reshards
         for name, gib in GPU_SIZES.items():
             size = int(gib * 2**30)
-            plan = ", ".join(
-                f"seq {S}: " + ("reshard" if reshards_after_forward(cfg, a.world_size, S, k, size) else "keep")
-                for S in t.seq_lengths
-                for k in [checkpointed_layers(cfg, a.world_size, S, size) if t.grad_checkpointing == "auto"
-                          else L if t.grad_checkpointing else 0])
+            plan = ", ".join(f"seq {S}: " + ("reshard" if reshards_after_forward(
+                cfg, a.world_size, S, checkpointed_layers(cfg, a.world_size, S, size), size) else "keep")
+                for S in t.seq_lengths)
             print(f"reshard_after_forward auto on {name} ({gib} GiB): gathered weights after the forward: {plan}")
     return 0
 

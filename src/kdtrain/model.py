@@ -326,11 +326,16 @@ def memory_estimate(cfg: Config, world_size: int = 1, seq: int | None = None, ch
 AUTO_MEMORY_FRACTION = 0.85  # grad_checkpointing: auto plans for this much of the GPU (the rest: allocator, NCCL)
 
 
-def checkpointed_layers(cfg: Config, world_size: int, seq: int, gpu_bytes: int) -> int:
-    """``train.grad_checkpointing: auto``: the fewest decoder layers to checkpoint at ``seq`` for
-    ``memory_estimate`` to stay within ``AUTO_MEMORY_FRACTION`` of ``gpu_bytes`` (all of them when
-    even that does not fit). Each layer left out of checkpointing saves its forward's recompute,
+def checkpointed_layers(cfg: Config, world_size: int, seq: int, gpu_bytes: int | None) -> int:
+    """How many decoder layers recompute their forward at ``seq``: all or none for a fixed
+    ``train.grad_checkpointing``; for ``auto``, the fewest for ``memory_estimate`` to stay within
+    ``AUTO_MEMORY_FRACTION`` of ``gpu_bytes`` (all of them when even that does not fit; none without
+    a GPU size, on the CPU). Each layer left out of checkpointing saves its forward's recompute,
     about a quarter of its step time."""
+    if cfg.train.grad_checkpointing != "auto":
+        return cfg.arch.n_layers if cfg.train.grad_checkpointing else 0
+    if not gpu_bytes:
+        return 0
     for k in range(cfg.arch.n_layers + 1):
         if memory_estimate(cfg, world_size, seq, k)["total"] <= AUTO_MEMORY_FRACTION * gpu_bytes:
             return k
@@ -421,7 +426,7 @@ def check_host_memory(cfg: Config, world_size: int, per_host: int = 1, have: int
     have = have or host_memory()
     if not have:
         return
-    k = 0 if cfg.train.grad_checkpointing == "auto" else None
+    k = checkpointed_layers(cfg, world_size, max(cfg.train.seq_lengths), None)
     need = memory_estimate(cfg, world_size, checkpointed=k)["total"] * per_host
     if need <= have:
         return

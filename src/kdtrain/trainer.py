@@ -224,7 +224,7 @@ class Trainer:
             gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
         notes = []
         if cfg.train.grad_checkpointing == "auto":
-            k = checkpointed_layers(cfg, self.dist.world_size, seq_len, gpu_bytes) if gpu_bytes else 0
+            k = checkpointed_layers(cfg, self.dist.world_size, seq_len, gpu_bytes)
             for i, layer in enumerate(self.student.model.layers):
                 layer.gradient_checkpointing = i < k
             self.checkpointed_layers = k
