@@ -5,7 +5,7 @@ training time it costs) and an exact-resume check at another world size.
 
     python bench/worker_9b.py --gpus 2 --seqs 4096 8192 16384 [--steps 3] [--grad-accum 2]
         [--set optimizer.state_dtype=8bit train.compile=true] [--checkpoint] [--resume-gpus 2 4]
-        [--compare-gpus 2]
+        [--compare-gpus 2] [--gpu-memory-gib 78.5]
 
 Each sequence length runs one warm-up step (compilation, first allocations) and then ``--steps``
 timed steps; the figures are the median step. ``--checkpoint`` saves after the timed steps and
@@ -17,7 +17,9 @@ the uninterrupted run's (the step after the checkpoint runs at the first length)
 processes, before GPU time is spent: ``--set arch.d_model=64 arch.n_layers=2 arch.n_heads=4
 arch.n_kv_heads=2 arch.d_head=16 arch.d_ff=128 train.device=cpu train.precision=fp32``. ``--compare-gpus``
 runs the first length on other GPU counts (same micro-batches per GPU) and prints the scaling of
-the total tokens/s. The lengths are driven by the bench, one after the other, as the curriculum
+the total tokens/s. ``--gpu-memory-gib`` lets each process use only that much of its GPU
+(``torch.cuda.set_per_process_memory_fraction``; the trainer's ``auto`` plan follows it): an 80 GB
+card's plan and memory limit on a larger card, though not its speed. The lengths are driven by the bench, one after the other, as the curriculum
 of ``configs/worker_9b.yaml`` runs them. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
 tokenizer: the toy tokenizer.
 """
@@ -61,6 +63,17 @@ def worker(a) -> None:
 
     out = Path(a.out)
     cfg, _ = load_config([a.config], overrides(a, out))
+    card = ""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        total = torch.cuda.get_device_properties(local).total_memory
+        card = f" on {torch.cuda.get_device_name(local)} ({total / 2**30:.1f} GiB"
+        if a.gpu_memory_gib and a.gpu_memory_gib * 2**30 < total:
+            # a smaller card's memory on a larger one: the allocator stops there, and the trainer
+            # plans for it (kdtrain.model.usable_gpu_bytes)
+            torch.cuda.set_per_process_memory_fraction(a.gpu_memory_gib * 2**30 / total, local)
+            card += f", capped at {a.gpu_memory_gib:.1f} GiB"
+        card += ")"
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=a.resume, log=False)
     build_s = time.perf_counter() - t0
@@ -79,7 +92,7 @@ def worker(a) -> None:
 
     rss = across(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, dist.ReduceOp.MAX)  # KiB -> GiB
     say = print if rank == 0 else (lambda *args, **kw: None)
-    say(f"world {world}: Trainer built in {build_s:.1f} s (model, shards, data), host peak RSS per rank "
+    say(f"world {world}{card}: Trainer built in {build_s:.1f} s (model, shards, data), host peak RSS per rank "
         f"{rss:.1f} GiB", flush=True)
 
     pad = trainer.tokenizer.pad_token_id
@@ -179,6 +192,8 @@ def main() -> None:
     p.add_argument("--compare-gpus", type=int, nargs="*", default=[],
                    help="also run the first length on these GPU counts: scaling of total tokens/s")
     p.add_argument("--profile", action="store_true", help="profile one more step at the first length (rank 0 prints)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="use at most this much of each GPU (a smaller card's memory on a larger one)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per launch")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -202,7 +217,8 @@ def main() -> None:
     def launch(n: int, *extra: str, seqs: list[int] = a.seqs) -> bool:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
                "--worker", "--config", a.config, "--out", str(out), "--seqs", *map(str, seqs), "--steps", str(a.steps),
-               "--grad-accum", str(a.grad_accum), "--set", *a.set, *extra]
+               "--grad-accum", str(a.grad_accum),
+               *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else []), "--set", *a.set, *extra]
         try:
             subprocess.run(cmd, check=True, env={**os.environ, **ENV}, timeout=a.timeout)
             return True

@@ -98,3 +98,23 @@ def test_low_bit_state_on_cuda_trains_like_exact_adamw(make_cfg, tmp_path, dtype
     assert fall > 0.5 and low != exact
     assert max(abs(a - b) for a, b in zip(low, exact)) < 0.05 * fall
     assert any(type(s["exp_avg"]) is not torch.Tensor for s in trainer.optimizer.state.values())
+
+
+def test_the_memory_plan_follows_the_per_process_memory_fraction(make_cfg):
+    """A process allowed part of its GPU (``set_per_process_memory_fraction``) plans for that part:
+    ``auto`` checkpointing picks the layers ``checkpointed_layers`` picks for the smaller size."""
+    from kdtrain.model import checkpointed_layers, usable_gpu_bytes
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(dev).total_memory
+    before = torch.cuda.get_per_process_memory_fraction(dev)
+    try:
+        assert usable_gpu_bytes(dev) == int(total * before)
+        torch.cuda.set_per_process_memory_fraction(0.25, dev)
+        assert usable_gpu_bytes(dev) == int(total * 0.25)
+        trainer = Trainer(make_cfg("train.device=cuda", "train.grad_checkpointing=auto"), log=False)
+        seq = trainer.cfg.train.seq_lengths[0]
+        trainer._plan(seq)
+        assert trainer.checkpointed_layers == checkpointed_layers(trainer.cfg, 1, seq, int(total * 0.25))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, dev)

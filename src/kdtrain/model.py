@@ -375,6 +375,14 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
             f"this GPU's {gpu_bytes / 2**30:.1f} GiB; if it runs out of memory, try " + ", or ".join(hints) + ".")
 
 
+def usable_gpu_bytes(device: torch.device) -> int:
+    """The memory this process may use on ``device``: the card's, times the share that
+    ``torch.cuda.set_per_process_memory_fraction`` allows (1 unless set), so a process given part of
+    a card plans for that part."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(total * torch.cuda.get_per_process_memory_fraction(device))
+
+
 def host_memory() -> int | None:
     """This machine's memory in bytes, or the lowest limit of this process's memory cgroup and its
     ancestors where lower (cgroup v2; v1's memory controller); None where the system does not say."""

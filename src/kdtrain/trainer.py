@@ -27,7 +27,7 @@ from .data import Dataset, Sampler, collate, load_dataset
 from .losses import COMPONENTS
 from .metrics import Metrics, check_tracing
 from .model import Distiller, build_student, check_host_memory, checkpointed_layers, materialise, memory_warning, \
-    reshards_after_forward, step_counts
+    reshards_after_forward, step_counts, usable_gpu_bytes
 from .optim import build_optimizer, current_lr, set_lr
 from .teacher import online_teacher
 from .tokenizer import load_tokenizer
@@ -159,7 +159,7 @@ class Trainer:
         if meta:
             materialise(self.student, cfg, "cpu" if t.cpu_offload else self.device)
         if self.device.type == "cuda" and self.dist.rank == 0:
-            warning = memory_warning(cfg, self.dist.world_size, torch.cuda.get_device_properties(self.device).total_memory)
+            warning = memory_warning(cfg, self.dist.world_size, usable_gpu_bytes(self.device))
             if warning:
                 print(warning, file=sys.stderr, flush=True)
         if t.compile:
@@ -208,7 +208,7 @@ class Trainer:
 
     def _plan(self, seq_len: int, gpu_bytes: int | None = None) -> None:
         """The ``auto`` settings, at each new sequence length, from ``kdtrain info``'s estimate for
-        ``gpu_bytes`` (default: this GPU's memory; on the CPU nothing is checkpointed and layers reshard).
+        ``gpu_bytes`` (default: the memory this process may use on its GPU; on the CPU nothing is checkpointed and layers reshard).
 
         - ``train.grad_checkpointing: auto``: checkpoint the first ``checkpointed_layers`` decoder
           layers, the fewest for which the estimate fits. The lowest layers are the ones
@@ -221,7 +221,7 @@ class Trainer:
         self._planned_seq = seq_len
         cfg, L = self.cfg, self.cfg.arch.n_layers
         if gpu_bytes is None and self.device.type == "cuda":
-            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+            gpu_bytes = usable_gpu_bytes(self.device)
         notes = []
         if cfg.train.grad_checkpointing == "auto":
             k = checkpointed_layers(cfg, self.dist.world_size, seq_len, gpu_bytes)
