@@ -102,19 +102,24 @@ def test_low_bit_state_on_cuda_trains_like_exact_adamw(make_cfg, tmp_path, dtype
 
 def test_the_memory_plan_follows_the_per_process_memory_fraction(make_cfg):
     """A process allowed part of its GPU (``set_per_process_memory_fraction``) plans for that part:
-    ``auto`` checkpointing picks the layers ``checkpointed_layers`` picks for the smaller size."""
-    from kdtrain.model import checkpointed_layers, usable_gpu_bytes
+    given a share between the toy's estimates with every layer checkpointed and with none, ``auto``
+    checkpoints some layers, where the whole card checkpoints none."""
+    from kdtrain.model import AUTO_MEMORY_FRACTION, checkpointed_layers, memory_estimate, usable_gpu_bytes
 
     dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     before = torch.cuda.get_per_process_memory_fraction(dev)
+    trainer = Trainer(make_cfg("train.device=cuda", "train.grad_checkpointing=auto"), log=False)
+    cfg, seq = trainer.cfg, trainer.cfg.train.seq_lengths[0]
+    trainer._plan(seq)
+    assert trainer.checkpointed_layers == 0
+    every, none = (memory_estimate(cfg, 1, seq, k)["total"] for k in (cfg.arch.n_layers, 0))
+    assert every < none
+    share = (every + none) / 2 / AUTO_MEMORY_FRACTION / total
     try:
-        assert usable_gpu_bytes(dev) == int(total * before)
-        torch.cuda.set_per_process_memory_fraction(0.25, dev)
-        assert usable_gpu_bytes(dev) == int(total * 0.25)
-        trainer = Trainer(make_cfg("train.device=cuda", "train.grad_checkpointing=auto"), log=False)
-        seq = trainer.cfg.train.seq_lengths[0]
+        torch.cuda.set_per_process_memory_fraction(share, dev)
+        assert usable_gpu_bytes(dev) == int(total * share)
         trainer._plan(seq)
-        assert trainer.checkpointed_layers == checkpointed_layers(trainer.cfg, 1, seq, int(total * 0.25))
+        assert 0 < trainer.checkpointed_layers == checkpointed_layers(cfg, 1, seq, int(total * share))
     finally:
         torch.cuda.set_per_process_memory_fraction(before, dev)
