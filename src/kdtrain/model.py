@@ -379,8 +379,9 @@ def usable_gpu_bytes(device: torch.device) -> int:
     """The memory this process may use on ``device``: the card's, times the share that
     ``torch.cuda.set_per_process_memory_fraction`` allows (1 unless set), so a process given part of
     a card plans for that part."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    return int(total * torch.cuda.get_per_process_memory_fraction(device))
+    index = device.index if device.index is not None else torch.cuda.current_device()  # (the fraction wants one)
+    total = torch.cuda.get_device_properties(index).total_memory
+    return int(total * torch.cuda.get_per_process_memory_fraction(index))
 
 
 def host_memory() -> int | None:
