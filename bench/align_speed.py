@@ -11,9 +11,9 @@ Speed: ``--records`` endpoint records of about ``--tokens`` student tokens, each
 tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, in the packed form that
 gen-data writes (``--form list``: the endpoint's own list of objects, as older files hold), one
 thread. Timed, in CPU seconds, as ``kdtrain annotate`` does the work: decoding each record's JSON
-line (and freeing the record after), the student's tokenization (``Vocab.encode``, the ids of
-``tokenizer.encode``), ``parse_api_logprobs`` and ``align_api``; encoding the output line's rows
-as JSON is timed apart. ``--distinct`` records are kept as JSON lines and cycled, each decoded
+line (orjson, as annotate's reader; and freeing the record after), the student's tokenization (``Vocab.encode``, the ids of
+``tokenizer.encode``), ``parse_api_logprobs`` and ``align_api``; encoding the output line (annotate's
+``_line``: the record, its response ids and rows) is timed apart. ``--distinct`` records are kept as JSON lines and cycled, each decoded
 afresh just before it is aligned, as a reader streaming the file does. The student tokenizer's
 BPE cache is emptied before each record (outside the timing), so lines of the cycled texts do not
 hit it from earlier records; the cache of teacher token strings -> student ids (``Vocab.by_text``)
@@ -50,9 +50,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import orjson  # noqa: E402
 import torch  # noqa: E402
 
 from kdtrain import align  # noqa: E402
+from kdtrain.annotate import _line  # noqa: E402
 
 
 def corpus_texts(student, n: int, tokens: int, seed: int = 0) -> list[str]:
@@ -165,7 +167,7 @@ def main() -> None:
     for r in range(a.records):
         bpe._clear_cache()
         t0 = time.process_time()
-        rec = json.loads(lines[r % len(lines)])
+        rec = orjson.loads(lines[r % len(lines)])
         t1 = time.process_time()
         text = rec["teacher_text"]
         ids = encode(text) + [eos]
@@ -174,7 +176,7 @@ def main() -> None:
         t3 = time.process_time()
         rows = align.align_api(api, text, ids, s_vocab, a.k)
         t4 = time.process_time()
-        json.dumps({"response_ids": ids, "teacher_topk": {"ids": rows.ids, "logprobs": rows.logprobs}})
+        _line(rec, ids, rows.ids, rows.logprobs, 1.0)
         t5 = time.process_time()
         positions, aligned = positions + len(ids), aligned + rows.aligned
         listed, mapped = listed + rows.listed_mass, mapped + rows.mapped_mass
@@ -191,7 +193,7 @@ def main() -> None:
     print(f"on one core, CPU s per 1,000 records: {total:.1f} (JSON decoding {per_k[0]:.1f}, student tokenization "
           f"{per_k[1]:.1f}, parse {per_k[2]:.1f}, align {per_k[3]:.1f}); {total * 10:.0f} s for 10,000; "
           f"{positions / sum(cpu[:4]) / 1e3:.1f}k tokens/s")
-    print(f"apart: the rows as annotate's output JSON {per_k[4]:.1f} s CPU per 1,000; {wall:.1f} s wall in all; "
+    print(f"apart: annotate's output line {per_k[4]:.1f} s CPU per 1,000; {wall:.1f} s wall in all; "
           f"load average {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":

@@ -289,6 +289,24 @@ def test_packed_and_endpoint_forms_give_the_same_rows(toy, api_input, api_packed
     assert api_packed.stat().st_size < api_input.stat().st_size / 2
 
 
+def test_an_output_line_keeps_the_record_and_the_rows_exactly():
+    """The rows (orjson) and the record's own fields (json, whatever it read: NaN, huge integers, a
+    key order) make one line that json reads back to the same values, bit for bit; a record's old
+    teacher_topk is replaced, not repeated."""
+    from kdtrain.annotate import _line
+
+    rec = {"prompt": "p", "teacher_topk": {"stale": 1}, "metadata": {"x": math.nan, "big": 10**30, "s": "\u2028é"},
+           "teacher_text": "t"}
+    lps = [[-0.1, math.log(1 / 3)], None, [-1e-300, -123456.789]]
+    line = _line(rec, [5, 6, 7], [[1, 2], None, [3, 4]], lps, 0.7)
+    assert line.endswith("}\n") and line.count("\n") == 1
+    got = json.loads(line)
+    assert list(got) == ["prompt", "metadata", "teacher_text", "response_ids", "teacher_topk"]
+    assert math.isnan(got["metadata"].pop("x")) and got["metadata"] == {"big": 10**30, "s": "\u2028é"}
+    assert got["teacher_topk"] == {"ids": [[1, 2], None, [3, 4]], "logprobs": lps, "temperature": 0.7}
+    assert [struct.pack("<d", v) for v in got["teacher_topk"]["logprobs"][0]] == [struct.pack("<d", v) for v in lps[0]]
+
+
 def _mutate_packed(records: list[dict], what: str) -> list[dict]:
     packed = records[0]["teacher_api_logprobs"]
     if what == "positive":

@@ -38,6 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import torch
 
 from . import align
@@ -244,5 +245,9 @@ def _local_lines(chunk, teacher: CrossTeacher, tok, path, max_len: int, k: int, 
 
 
 def _line(rec: dict, response: list[int], ids, lps, temperature: float) -> str:
-    return json.dumps({**rec, "response_ids": response,
-                       "teacher_topk": {"ids": ids, "logprobs": lps, "temperature": temperature}}) + "\n"
+    """The output line: the record with ``response_ids`` and ``teacher_topk``. The rows (ints and
+    finite floats) go through orjson, some 20x faster than json on their float digits; the record's
+    own fields through json, which writes whatever json read (NaN included) back as it was."""
+    head = json.dumps({**{key: v for key, v in rec.items() if key != "teacher_topk"}, "response_ids": response})
+    rows = orjson.dumps({"ids": ids, "logprobs": lps, "temperature": temperature}).decode()
+    return f'{head[:-1]}, "teacher_topk": {rows}}}\n'

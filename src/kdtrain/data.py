@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import torch
 
 IGNORE = -100
@@ -312,9 +313,19 @@ class JsonlRecords:
                 yield line_no, self._decode(line_no, line)
 
     def _decode(self, line_no: int, line: str):
-        """The record on a line (any JSON value: the caller checks it), or HEADER."""
+        """The record on a line (any JSON value: the caller checks it), or HEADER. orjson decodes
+        (several times faster on the numbers of top-k rows); what it refuses, json decodes or names."""
         try:
-            rec = json.loads(line)
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            rec = self._decode_json(line_no, line)
+        return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
+
+    def _decode_json(self, line_no: int, line: str):
+        """What orjson refuses: NaN literals and huge integers (which the checks then name), lone
+        surrogates, deep nesting, malformed JSON (named here, with json's message)."""
+        try:
+            return json.loads(line)
         except json.JSONDecodeError as e:
             hint = " The line holds NUL characters: the file looks like UTF-16; save it as UTF-8." if "\0" in line else ""
             raise DataError(f"malformed JSON {_where(self.path, line_no)}: {e.msg} at column {e.colno}.{hint}") from None
@@ -324,7 +335,6 @@ class JsonlRecords:
         except ValueError:  # an integer literal past Python's 4300-digit conversion limit
             raise DataError(f"malformed record {_where(self.path, line_no)}: a number with more digits than "
                             "Python converts (4300); no KD JSONL field holds one.") from None
-        return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
 
 
 HEADER = object()  # what JsonlRecords._decode returns for a header line
