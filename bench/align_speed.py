@@ -176,7 +176,7 @@ def main() -> None:
         t3 = time.process_time()
         rows = align.align_api(api, text, ids, s_vocab, a.k)
         t4 = time.process_time()
-        _line(rec, ids, rows.ids, rows.logprobs, 1.0)
+        _line(rec, ids, *rows.per_position(), 1.0)
         t5 = time.process_time()
         positions, aligned = positions + len(ids), aligned + rows.aligned
         listed, mapped = listed + rows.listed_mass, mapped + rows.mapped_mass

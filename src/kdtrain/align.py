@@ -302,9 +302,10 @@ def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple
     return ids + extra, lps + [share] * (k - m)
 
 
-def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[list[list[int]], list[list]]:
-    """Rows from [A, K] student ids (-1: unmapped) and their log-probs (arrays or CPU tensors): the
-    mapped ones, most likely first (ties in listed order), cut to ``k``, then filled (``fill_row``).
+def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ([A, k] ids, [A, k] float64 log-probs) from [A, K] student ids (-1: unmapped) and their
+    log-probs (arrays or CPU tensors): the mapped ones, most likely first (ties in listed order),
+    cut to ``k``, then filled (``fill_row``).
     Vectorised: each mapped alternative goes to the slot its rank among the mapped ones gives
     (alternatives listed most likely first, as endpoints and ``topk`` give them, need no sort);
     rows where two alternatives share a student id, or where a mapped id is one a fill would
@@ -329,24 +330,55 @@ def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[list[list[int]], list[
     srt = np.sort(np.where(mapped, sid, -1 - np.arange(K)), axis=1)
     clash = (srt[:, 1:] == srt[:, :-1]).any(1)  # a student id twice: merged below
     clash |= (kept & (sid >= vocab_size - k)).any(1)  # where a fill would go
-    ids_list, lps_list = ids.tolist(), lps.tolist()
     for r in np.flatnonzero(clash).tolist():  # rare: merge duplicates in probability, fill around
         row: dict[int, float] = {}
         for i, v in zip(sid[r][mapped[r]].tolist(), lp[r][mapped[r]].tolist()):
             row[i] = math.log(math.exp(row[i]) + math.exp(v)) if i in row else v
-        ids_list[r], lps_list[r] = fill_row(list(row), list(row.values()), k, vocab_size)
-    return ids_list, lps_list
+        ids[r], lps[r] = fill_row(list(row), list(row.values()), k, vocab_size)
+    return ids, lps
 
 
-@dataclass
+@dataclass(eq=False)
 class Rows:
-    """Top-k rows for the student's response tokens, None where a position is not aligned."""
+    """Top-k rows for the student's response tokens: the aligned positions (increasing) and their
+    rows, kept as arrays; every other position has no row. ``per_position`` lays them out as the KD
+    JSONL field holds them."""
 
-    ids: list[list[int] | None]
-    logprobs: list[list[float] | None]
-    aligned: int  # positions with a row
+    positions: np.ndarray  # [A] the aligned student positions
+    row_ids: np.ndarray  # [A, k]
+    row_logprobs: np.ndarray  # [A, k] float64
+    n: int  # student positions in all
     listed_mass: float  # teacher probability of the listed alternatives, summed over aligned positions
     mapped_mass: float  # the part of it that maps to student ids
+
+    @property
+    def aligned(self) -> int:
+        return len(self.positions)
+
+    def per_position(self, n: int | None = None) -> tuple[list, list]:
+        """(ids, logprobs) for the first ``n`` positions (default all): each a row (an array view,
+        which orjson writes as a list) or None where the position is not aligned."""
+        n = self.n if n is None else n
+        ids: list = [None] * n
+        lps: list = [None] * n
+        for q, ri, rl in zip(self.positions.tolist(), self.row_ids, self.row_logprobs):
+            if q >= n:
+                break
+            ids[q], lps[q] = ri, rl
+        return ids, lps
+
+    @property
+    def ids(self) -> list[list[int] | None]:
+        return [None if r is None else r.tolist() for r in self.per_position()[0]]
+
+    @property
+    def logprobs(self) -> list[list[float] | None]:
+        return [None if r is None else r.tolist() for r in self.per_position()[1]]
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Rows) and (self.n, self.listed_mass, self.mapped_mass) ==
+                (other.n, other.listed_mass, other.mapped_mass) and np.array_equal(self.positions, other.positions)
+                and np.array_equal(self.row_ids, other.row_ids) and np.array_equal(self.row_logprobs, other.row_logprobs))
 
 
 # ---- an endpoint's log-probs: the stored (packed) form, checked, aligned ----
@@ -610,10 +642,8 @@ def align_api(api: ApiLogprobs, text: str, student_ids: list[int], vocab: Vocab,
                                   raw, lambda: [vocab.pieces[i] for i in s_ids[pos].tolist()])
     which = _match(s_starts, s_ends, t_starts, t_ends)
     at = np.flatnonzero(which >= 0)  # aligned, as indices into pos
-    ids: list[list[int] | None] = [None] * len(student_ids)
-    lps: list[list[float] | None] = [None] * len(student_ids)
     if not len(at):
-        return Rows(ids, lps, 0, 0.0, 0.0)
+        return Rows(at, np.empty((0, k), np.int64), np.empty((0, k)), len(student_ids), 0.0, 0.0)
     rows = which[at]
     sid = met.sid[number[api.top[rows]]]
     if at[0] == 0 and vocab.prefix:  # the student's first token: its virtual space goes in front
@@ -622,9 +652,7 @@ def align_api(api: ApiLogprobs, text: str, student_ids: list[int], vocab: Vocab,
     rows_lp = api.lp[rows]
     p = np.exp(rows_lp)
     row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
-    for q, ri, rl in zip(pos[at].tolist(), row_ids, row_lps):
-        ids[q], lps[q] = ri, rl
-    return Rows(ids, lps, len(rows), float(p.sum()), float((p * (sid >= 0)).sum()))
+    return Rows(pos[at], row_ids, row_lps, len(student_ids), float(p.sum()), float((p * (sid >= 0)).sum()))
 
 
 # ---- a local teacher with another tokenizer: its full distribution, mapped to student ids ----
@@ -663,8 +691,9 @@ def to_student(logprobs: torch.Tensor, mapping: torch.Tensor, student_size: int)
     return peak + mass.log()
 
 
-def topk_rows(student_lps: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]], float]:
-    """Top-k of each [n, V_s] row, filled where fewer than k ids have mass; also the mapped mass."""
+def topk_rows(student_lps: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-k of each [n, V_s] row ([n, k] ids and log-probs), filled where fewer than k ids have
+    mass; also the mapped mass."""
     top = student_lps.topk(k, dim=-1)
     mapped = float(torch.logsumexp(student_lps.double(), dim=-1).exp().sum())
     sid = torch.where(torch.isneginf(top.values), -1, top.indices)

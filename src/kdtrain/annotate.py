@@ -144,10 +144,10 @@ def _api_rows(rec: dict, tok, vocab, path, line_no: int, max_len: int, k: int | 
         at = f", teacher_api_logprobs position {e.position}" if e.position is not None else ""
         raise DataError(f"field 'teacher_api_logprobs': {e} {where}{at}).") from None
     rep.positions += n
-    rep.aligned += sum(r is not None for r in rows.ids[:n])
+    rep.aligned += int((rows.positions < n).sum())
     rep.teacher_mass += rows.listed_mass
     rep.mapped_mass += rows.mapped_mass
-    return response[:n], rows.ids[:n], rows.logprobs[:n], K
+    return response[:n], *rows.per_position(n), K
 
 
 def _write(out, lines: list[str]) -> None:
@@ -245,9 +245,11 @@ def _local_lines(chunk, teacher: CrossTeacher, tok, path, max_len: int, k: int, 
 
 
 def _line(rec: dict, response: list[int], ids, lps, temperature: float) -> str:
-    """The output line: the record with ``response_ids`` and ``teacher_topk``. The rows (ints and
-    finite floats) go through orjson, some 20x faster than json on their float digits; the record's
-    own fields through json, which writes whatever json read (NaN included) back as it was."""
+    """The output line: the record with ``response_ids`` and ``teacher_topk``. The rows (lists or
+    arrays of ints and finite floats, or None) go through orjson, some 20x faster than json on their
+    float digits; the record's own fields through json, which writes whatever json read (NaN
+    included) back as it was."""
     head = json.dumps({**{key: v for key, v in rec.items() if key != "teacher_topk"}, "response_ids": response})
-    rows = orjson.dumps({"ids": ids, "logprobs": lps, "temperature": temperature}).decode()
+    rows = orjson.dumps({"ids": ids, "logprobs": lps, "temperature": temperature},
+                        option=orjson.OPT_SERIALIZE_NUMPY).decode()
     return f'{head[:-1]}, "teacher_topk": {rows}}}\n'
