@@ -29,7 +29,8 @@ fitted teacher (``annotate``); for Tekken, whose model is not available offline,
 the share of Tekken tokens in the text (the teacher's own choices) that are exactly one student
 piece, and the share of Tekken's vocabulary that is.
 
-    python bench/align_speed.py [--records 10000 --tokens 1000 --k 20 --distinct 50 --form packed|list]
+    python bench/align_speed.py [--records 10000 --tokens 1000 --k 20 --distinct 50 --form packed|list
+                                 --float64]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import sysconfig  # noqa: E402
 import tempfile  # noqa: E402
@@ -82,10 +84,14 @@ def tekken():
     return tk, pieces
 
 
-def api_entries(ids: list[int], pieces: list, K: int, pool: list[int], rng: random.Random) -> list[dict]:
+def api_entries(ids: list[int], pieces: list, K: int, pool: list[int], rng: random.Random,
+                float64: bool = False) -> list[dict]:
     """An endpoint's teacher_api_logprobs for the tokens ``ids``: each token first, then K - 1 other
-    distinct tokens drawn from ``pool``."""
+    distinct tokens drawn from ``pool``. The log-probs are float32 values, as servers that compute
+    in float32 return them (vLLM, SGLang), unless ``float64``."""
     lps = [math.log(0.45 * 0.5 ** j) for j in range(K)]  # normalised: sums below 0.9
+    if not float64:
+        lps = [float(struct.unpack("<f", struct.pack("<f", v))[0]) for v in lps]
     out = []
     for t in ids:
         alts = [t]
@@ -118,6 +124,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--distinct", type=int, default=50)
     ap.add_argument("--form", choices=("packed", "list"), default="packed")
+    ap.add_argument("--float64", action="store_true", help="log-probs that are no float32 values (packed as float64)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from kdtrain.tokenizer import build_toy_tokenizer, load_tokenizer
@@ -153,7 +160,7 @@ def main() -> None:
     rng = random.Random(0)
     lines = []
     for text in texts:
-        api = api_entries(tk.encode(text, bos=False, eos=False), t_pieces, a.k, occ, rng)
+        api = api_entries(tk.encode(text, bos=False, eos=False), t_pieces, a.k, occ, rng, a.float64)
         lines.append(json.dumps({"teacher_text": text, "teacher_api_logprobs":
                                  align.pack_api_logprobs(api) if a.form == "packed" else api}))
     bpe = student.backend_tokenizer.model
@@ -187,7 +194,7 @@ def main() -> None:
     wall = time.perf_counter() - wall
     per_k = [t / a.records * 1e3 for t in cpu]  # seconds per 1,000 records
     total = sum(per_k[:4])
-    print(f"{a.records:,} records ({a.form} form, {sum(map(len, lines)) / len(lines) / 1e3:.0f} kB a line), "
+    print(f"{a.records:,} records ({a.form} form, {'float64' if a.float64 else 'float32'} log-probs, {sum(map(len, lines)) / len(lines) / 1e3:.0f} kB a line), "
           f"{positions:,} student tokens, K={a.k}; {aligned / positions:.1%} of positions aligned, "
           f"{mapped / listed:.1%} of the listed mass mapped")
     print(f"on one core, CPU s per 1,000 records: {total:.1f} (JSON decoding {per_k[0]:.1f}, student tokenization "

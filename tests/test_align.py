@@ -147,11 +147,33 @@ def test_packed_form_is_the_documented_columns_and_unpacks_to_the_endpoints_list
                                                  bytes.fromhex(packed[name])))
     assert hexed("token", "H") == [0, 3, 4]
     assert hexed("top_token", "H") == [0, 1, 2, 3, 4, 5, 4, 6, 7]
+    assert packed["float"] == "f8"  # -1e-07 is no float32
     assert hexed("logprob", "d") == [-0.5, -0.25, -1e-07]
     assert hexed("top_logprob", "d") == [-0.5, -1.5, -2.0, -0.25, -3.0, -9999.0, -1e-07, -17.25, -20.0]
     again = json.loads(json.dumps(packed))
     assert align.unpack_api_logprobs(again) == PARTIAL  # -3 comes back as -3.0, equal
     assert align.pack_api_logprobs(align.unpack_api_logprobs(again)) == packed
+
+
+@pytest.mark.smoke
+def test_float32_log_probs_are_packed_as_float32_and_come_back_bit_for_bit():
+    """Log-probs that are all float32 values (a server computing in float32, as vLLM does) are
+    stored as 4-byte floats; one value that is not makes the record float64. Read back with struct."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.log_softmax(torch.randn(3, 5, generator=g), -1).tolist()  # float32, widened
+    content = [{"token": t, "bytes": list(t.encode()), "logprob": v[0],
+                "top_logprobs": [{"token": a, "bytes": list(a.encode()), "logprob": x} for a, x in zip("abcde", v)]}
+               for t, v in zip("abc", values)]
+    packed = json.loads(json.dumps(align.pack_api_logprobs(content)))
+    assert packed["float"] == "f4"
+    assert list(struct.unpack("<15f", bytes.fromhex(packed["top_logprob"]))) == sum(values, [])
+    assert align.unpack_api_logprobs(packed) == content
+    assert align.parse_api_logprobs(packed).lp.tolist() == values
+    content[2]["top_logprobs"][4]["logprob"] = -0.1  # no float32
+    assert align.pack_api_logprobs(content)["float"] == "f8"
+    for bad in ("f2", 4, None):
+        with pytest.raises(align.AlignError, match="packed field 'float' must be \"f4\" or \"f8\""):
+            align.parse_api_logprobs({**packed, "float": bad})
 
 
 @pytest.mark.parametrize("edit, expect, position", [

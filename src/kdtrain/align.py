@@ -51,7 +51,7 @@ import torch
 
 TAIL_FLOOR = 1e-7  # the smallest tail mass a filled row keeps (the loss floors its tail the same way)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_FLOAT = np.dtype("<f8")  # the packed log-probs
+_FLOATS = {"f4": np.dtype("<f4"), "f8": np.dtype("<f8")}  # the packed log-probs: "float" names one
 
 
 class AlignError(ValueError):
@@ -96,7 +96,7 @@ class TokenTable:
     def numbers(self, keys: list) -> np.ndarray:
         """The numbers of ``keys`` (str or bytes), adding the new ones; -2 for a string that is no
         UTF-8 text (a lone surrogate)."""
-        out = np.array(list(map(self.index.get, keys, repeat(-1))), dtype=np.int64)
+        out = np.fromiter(map(self.index.get, keys, repeat(-1)), np.int64, len(keys))
         new = np.flatnonzero(out == -1)
         if len(new):
             if len(self.pieces) + len(new) > len(self.sid):  # room by doubling
@@ -302,21 +302,22 @@ def fill_row(ids: list[int], lps: list[float], k: int, vocab_size: int) -> tuple
     return ids + extra, lps + [share] * (k - m)
 
 
-def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def build_rows(sid, lp, k: int, vocab_size: int, p: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows ([A, k] ids, [A, k] float64 log-probs) from [A, K] student ids (-1: unmapped) and their
     log-probs (arrays or CPU tensors): the mapped ones, most likely first (ties in listed order),
     cut to ``k``, then filled (``fill_row``).
     Vectorised: each mapped alternative goes to the slot its rank among the mapped ones gives
     (alternatives listed most likely first, as endpoints and ``topk`` give them, need no sort);
     rows where two alternatives share a student id, or where a mapped id is one a fill would
-    take, go through ``fill_row`` one by one."""
+    take, go through ``fill_row`` one by one. ``p``: ``exp(lp)`` where the caller has it."""
     sid, lp = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in (sid, lp))
     sid, lp = np.asarray(sid, dtype=np.int64), np.minimum(np.asarray(lp, dtype=np.float64), 0.0)
+    p = np.exp(lp) if p is None else np.minimum(p, 1.0)  # = exp(lp) of the clamped lp
     A, K = sid.shape
     mapped = sid >= 0
     if K > 1 and not (lp[:, 1:] <= lp[:, :-1]).all():
         order = np.argsort(-np.where(mapped, lp, -math.inf), axis=1, kind="stable")
-        sid, lp = np.take_along_axis(sid, order, 1), np.take_along_axis(lp, order, 1)
+        sid, lp, p = (np.take_along_axis(x, order, 1) for x in (sid, lp, p))
         mapped = sid >= 0
     rank = mapped.cumsum(1) - 1
     kept = mapped & (rank < k)
@@ -324,7 +325,7 @@ def build_rows(sid, lp, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray
     dst = src // K * k + rank.ravel()[src]
     ids = np.broadcast_to(vocab_size - 1 - np.arange(k), (A, k)).copy()  # free slot s takes id V - 1 - s
     ids.ravel()[dst] = sid.ravel()[src]
-    tail = np.maximum(1.0 - np.where(kept, np.exp(lp), 0.0).sum(1), TAIL_FLOOR)
+    tail = np.maximum(1.0 - (p * kept).sum(1), TAIL_FLOOR)
     lps = np.repeat(np.log(tail / (vocab_size - kept.sum(1)))[:, None], k, 1)
     lps.ravel()[dst] = lp.ravel()[src]
     srt = np.sort(np.where(mapped, sid, -1 - np.arange(K)), axis=1)
@@ -389,14 +390,17 @@ def pack_api_logprobs(content) -> dict:
 
         {"k": K,
          "vocab": ["Hello", " world", ["\\\\xe2\\\\x80", [226, 128]], ...],
-         "token": hex, "logprob": hex, "top_token": hex, "top_logprob": hex}
+         "token": hex, "logprob": hex, "top_token": hex, "top_logprob": hex, "float": "f4"}
 
     ``vocab`` lists each distinct (token, bytes) once, in order of first use: the token string
     where its UTF-8 is the bytes, else ``[token, bytes]`` (a token that is part of a character,
     which endpoints render in their own ways). ``token`` ([n]) and ``top_token`` ([n, K], row by
     row) are indices into it, little-endian uint16 (uint32 when it has more than 65,536 entries);
-    ``logprob`` ([n]) and ``top_logprob`` ([n, K]) are little-endian float64. All hex. Lossless for those four fields (``unpack_api_logprobs``
-    gives them back); other keys an endpoint may add are not kept. Values are not judged here
+    ``logprob`` ([n]) and ``top_logprob`` ([n, K]) are little-endian floats: float32 (``"float":
+    "f4"``) when every value is one, as a server that computes them in float32 (vLLM, SGLang,
+    serve-teacher) returns them, else float64 (``"f8"``, also what a form without ``float`` holds).
+    All hex. Lossless for those four fields (``unpack_api_logprobs`` gives them back, bit for bit);
+    other keys an endpoint may add are not kept. Values are not judged here
     (``parse_api_logprobs`` does); raises AlignError (position = token index) for what the form
     cannot hold: no list of per-token objects, bytes that are not a list of 0..255, a log-prob that
     is not a number, no top_logprobs or K varying.
@@ -452,8 +456,11 @@ def pack_api_logprobs(content) -> dict:
             top_token.append(i)
             top_logprob.append(v)
     width = _index_type(len(vocab))
-    return {"k": K, "vocab": vocab, "token": _hex(token, width), "logprob": _hex(logprob, _FLOAT),
-            "top_token": _hex(top_token, width), "top_logprob": _hex(top_logprob, _FLOAT)}
+    logprob, top_logprob = np.asarray(logprob, np.float64), np.asarray(top_logprob, np.float64)
+    exact = all(np.array_equal(x.astype(np.float32), x) for x in (logprob, top_logprob))  # NaN: not equal
+    name = "f4" if exact else "f8"
+    return {"k": K, "vocab": vocab, "token": _hex(token, width), "logprob": _hex(logprob, _FLOATS[name]),
+            "top_token": _hex(top_token, width), "top_logprob": _hex(top_logprob, _FLOATS[name]), "float": name}
 
 
 def unpack_api_logprobs(packed: dict) -> list[dict]:
@@ -519,7 +526,11 @@ def _columns(packed: dict):
         raise AlignError(f"packed field 'k' must be the number of alternatives per token (>= 1), got {K!r:.40}")
     if vocab.__class__ is not list or not vocab:
         raise AlignError("packed field 'vocab' must be a non-empty list of tokens")
-    logprob, top_lp = _unhex(packed, "logprob", _FLOAT), _unhex(packed, "top_logprob", _FLOAT)
+    floats = _FLOATS.get(packed.get("float", "f8")) if packed.get("float", "f8").__class__ is str else None
+    if floats is None:
+        raise AlignError(f"packed field 'float' must be \"f4\" or \"f8\" (the log-probs' width), got "
+                         f"{packed.get('float')!r:.40}")
+    logprob, top_lp = (_unhex(packed, name, floats).astype(np.float64) for name in ("logprob", "top_logprob"))
     n = len(logprob)
     if not n or len(top_lp) != n * K:
         raise AlignError(f"packed fields 'logprob' and 'top_logprob' hold {n} and {len(top_lp)} values: "
@@ -545,6 +556,7 @@ class ApiLogprobs:
     token: np.ndarray  # [n] the chosen tokens (indices into vocab)
     top: np.ndarray  # [n, K] the alternatives (indices into vocab)
     lp: np.ndarray  # [n, K] their log-probs, float64
+    p: np.ndarray  # [n, K] their probabilities
     odd: dict[int, bytes] = field(default_factory=dict)  # the vocab entries that are [token, bytes]: their bytes
 
     def first_use(self, i: int) -> int | None:
@@ -564,8 +576,7 @@ def parse_api_logprobs(value) -> ApiLogprobs:
         raise AlignError("'teacher_api_logprobs' must be a list of per-token objects or the packed form "
                          "(an object; see pack_api_logprobs)")
     _, vocab, token, logprob, top, top_lp = _columns(value)
-    _check_logprobs(logprob, top_lp)
-    api = ApiLogprobs(vocab, token, top, top_lp)
+    api = ApiLogprobs(vocab, token, top, top_lp, _check_logprobs(logprob, top_lp))
     if set(map(type, vocab)) != {str}:  # [token, bytes] entries (a pass in C where there are none)
         for i, e in enumerate(vocab):
             if e.__class__ is not str:
@@ -589,12 +600,14 @@ def _entry_bytes(e) -> bytes | None:
     return None
 
 
-def _check_logprobs(logprob: np.ndarray, top_lp: np.ndarray) -> None:
+def _check_logprobs(logprob: np.ndarray, top_lp: np.ndarray) -> np.ndarray:
+    """Raises AlignError at the first bad value; returns ``exp(top_lp)``."""
     with np.errstate(over="ignore", invalid="ignore"):  # max is NaN where a NaN is: not <= 1e-6
+        p = np.exp(top_lp)
         ok = (logprob.max() <= 1e-6 and logprob.min() > -math.inf and top_lp.max() <= 1e-6
-              and top_lp.min() > -math.inf and (np.exp(top_lp).sum(1) <= 1 + 1e-3).all())
+              and top_lp.min() > -math.inf and (p.sum(1) <= 1 + 1e-3).all())
     if ok:
-        return
+        return p
     for j in range(len(logprob)):
         _value(logprob[j], j, "logprob")
         for v in top_lp[j]:
@@ -602,6 +615,7 @@ def _check_logprobs(logprob: np.ndarray, top_lp: np.ndarray) -> None:
         if np.exp(top_lp[j]).sum() > 1 + 1e-3:
             raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
                              "log-probabilities", j)
+    return p
 
 
 def _value(v: np.float64, j: int, name: str) -> None:
@@ -649,9 +663,8 @@ def align_api(api: ApiLogprobs, text: str, student_ids: list[int], vocab: Vocab,
     if at[0] == 0 and vocab.prefix:  # the student's first token: its virtual space goes in front
         first = [met.pieces[i] for i in number[api.top[rows[0]]].tolist()]
         sid[0] = [vocab.by_bytes.get(_key(b, b"", vocab.prefix), -1) if b else -1 for b in first]
-    rows_lp = api.lp[rows]
-    p = np.exp(rows_lp)
-    row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab))
+    rows_lp, p = api.lp[rows], api.p[rows]
+    row_ids, row_lps = build_rows(sid, rows_lp, k, len(vocab), p)
     return Rows(pos[at], row_ids, row_lps, len(student_ids), float(p.sum()), float((p * (sid >= 0)).sum()))
 
 
