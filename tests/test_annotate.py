@@ -9,6 +9,7 @@ import math
 import shutil
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,22 +290,32 @@ def test_packed_and_endpoint_forms_give_the_same_rows(toy, api_input, api_packed
     assert api_packed.stat().st_size < api_input.stat().st_size / 2
 
 
-def test_an_output_line_keeps_the_record_and_the_rows_exactly():
-    """The rows (orjson) and the record's own fields (json, whatever it read: NaN, huge integers, a
-    key order) make one line that json reads back to the same values, bit for bit; a record's old
-    teacher_topk is replaced, not repeated."""
+@pytest.mark.parametrize("metadata, by_json", [
+    ('{"x": 1.5, "n": 18446744073709551615, "s": "\\u2028\u00e9"}', False),  # orjson reads and writes these
+    ('{"x": NaN, "big": 100000000000000000000000000000, "s": "\\u2028\u00e9"}', True),
+    ('{"big": 100000000000000000000000000000}', True),  # orjson would read it as the float 1e+30
+    ('{"s": "\\ud800"}', True),  # a lone surrogate
+])
+def test_an_output_line_keeps_the_record_and_the_rows_exactly(tmp_path, metadata, by_json):
+    """A record read from KD JSONL and written back by annotate with its rows: json reads the line
+    to the same values as the input, whichever decoder read it (orjson, or json for what orjson
+    refuses or would change), bit for bit in the rows; a record's old teacher_topk is replaced."""
     from kdtrain.annotate import _line
+    from kdtrain.data import JsonRecord, iter_jsonl
 
-    rec = {"prompt": "p", "teacher_topk": {"stale": 1}, "metadata": {"x": math.nan, "big": 10**30, "s": "\u2028é"},
-           "teacher_text": "t"}
+    text = '{"prompt": "p", "teacher_topk": {"stale": 1}, "metadata": ' + metadata + ', "teacher_text": "t"}'
+    (tmp_path / "in.jsonl").write_text(text + "\n")
+    [(_, rec)] = list(iter_jsonl(tmp_path / "in.jsonl"))
+    assert isinstance(rec, JsonRecord) == by_json
     lps = [[-0.1, math.log(1 / 3)], None, [-1e-300, -123456.789]]
-    line = _line(rec, [5, 6, 7], [[1, 2], None, [3, 4]], lps, 0.7)
+    line = _line(rec, [5, 6, 7], [[1, 2], None, np.array([3, 4])], [lps[0], None, np.array(lps[2])], 0.7)
     assert line.endswith("}\n") and line.count("\n") == 1
-    got = json.loads(line)
-    assert list(got) == ["prompt", "metadata", "teacher_text", "response_ids", "teacher_topk"]
-    assert math.isnan(got["metadata"].pop("x")) and got["metadata"] == {"big": 10**30, "s": "\u2028é"}
+    got, want = json.loads(line), json.loads(text)
+    assert set(got) == {"prompt", "metadata", "teacher_text", "response_ids", "teacher_topk"}
+    assert repr(got["metadata"]) == repr(want["metadata"])  # NaN included
+    assert got["response_ids"] == [5, 6, 7]
     assert got["teacher_topk"] == {"ids": [[1, 2], None, [3, 4]], "logprobs": lps, "temperature": 0.7}
-    assert [struct.pack("<d", v) for v in got["teacher_topk"]["logprobs"][0]] == [struct.pack("<d", v) for v in lps[0]]
+    assert [struct.pack("<d", v) for v in got["teacher_topk"]["logprobs"][2]] == [struct.pack("<d", v) for v in lps[2]]
 
 
 def _mutate_packed(records: list[dict], what: str) -> list[dict]:

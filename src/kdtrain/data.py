@@ -314,11 +314,17 @@ class JsonlRecords:
 
     def _decode(self, line_no: int, line: str):
         """The record on a line (any JSON value: the caller checks it), or HEADER. orjson decodes
-        (several times faster on the numbers of top-k rows); what it refuses, json decodes or names."""
+        (several times faster on the numbers of top-k rows); json decodes what orjson refuses (NaN,
+        Infinity, lone surrogates, deep nesting) or would change (an integer beyond 64 bits, which
+        orjson reads as a float), into a ``JsonRecord``, or names the error."""
         try:
             rec = orjson.loads(line)
+            exact = not (rec.__class__ is dict and _wide_int(rec))
         except orjson.JSONDecodeError:
+            exact = False
+        if not exact:
             rec = self._decode_json(line_no, line)
+            rec = JsonRecord(rec) if isinstance(rec, dict) else rec
         return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
 
     def _decode_json(self, line_no: int, line: str):
@@ -338,6 +344,24 @@ class JsonlRecords:
 
 
 HEADER = object()  # what JsonlRecords._decode returns for a header line
+ROW_FIELDS = ("response_ids", "teacher_topk", "teacher_api_logprobs")  # checked number by number elsewhere
+
+
+class JsonRecord(dict):
+    """A record that json decoded where orjson would not (see ``JsonlRecords._decode``): one to write
+    back with json, which keeps its NaN, huge integers and lone surrogates as they were."""
+
+
+def _wide_int(rec: dict) -> bool:
+    """Whether a field other than the row fields (whose checks refuse a float where an integer
+    belongs) holds a float as large as an integer beyond 64 bits, as orjson reads one."""
+    def wide(v) -> bool:
+        if v.__class__ is float:
+            return abs(v) >= 2.0**63
+        if v.__class__ is list:
+            return any(map(wide, v))
+        return v.__class__ is dict and any(map(wide, v.values()))
+    return any(wide(v) for key, v in rec.items() if key not in ROW_FIELDS)
 
 
 def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int, max_len: int | None = None) -> Dataset:
