@@ -61,6 +61,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+import orjson
+
 from . import align
 from .config import ConfigError
 from .data import DataError
@@ -530,10 +532,13 @@ async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, s
             # the typed request transform of chat.completions.create (most of its CPU per request).
             content = await client.post("/chat/completions", cast_to=bytes,
                                         body={"model": cfg.model, "messages": messages, **params})
-            try:
-                body = json.loads(content)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return None, f"malformed JSON body from the endpoint: {e}"
+            try:  # orjson: a body with K = 20 log-probs is mostly numbers, which it reads ~5x faster
+                body = orjson.loads(content)
+            except orjson.JSONDecodeError:
+                try:  # what orjson refuses (NaN, lone surrogates) json reads, and the checks judge
+                    body = json.loads(content)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    return None, f"malformed JSON body from the endpoint: {e}"
             why = _check_body(body)
             return (body, time.monotonic() - t0) if why is None else (None, f"malformed response: {why}")
         except openai.AuthenticationError as e:
