@@ -318,6 +318,53 @@ def test_an_output_line_keeps_the_record_and_the_rows_exactly(tmp_path, metadata
     assert [struct.pack("<d", v) for v in got["teacher_topk"]["logprobs"][2]] == [struct.pack("<d", v) for v in lps[2]]
 
 
+def test_resume_counts_lines_that_hold_raw_line_separators(tmp_path):
+    """orjson writes U+2028, U+2029 and U+0085 raw; a resume counts records by newline alone."""
+    from kdtrain.annotate import _completed, _line
+
+    header = {"format": "kd-jsonl-v1", "k": 2}
+    out = tmp_path / "out.jsonl"
+    assert _completed(out, header) == 0
+    text = "a\u2028b\u2029c\x85d\re"
+    lines = [_line({"prompt": "p", "teacher_text": text}, [1], [[1, 2]], [[-0.5, -1.0]], 1.0) for _ in range(2)]
+    assert "\u2028" in lines[0] and "\x85" in lines[0]  # raw, as orjson writes them
+    with open(out, "a", encoding="utf-8") as f:
+        f.write("".join(lines) + lines[0][:20])  # two records and a torn third
+    assert _completed(out, header) == 2
+    assert out.read_text(encoding="utf-8").split("\n")[1:] == [lines[0][:-1], lines[1][:-1], ""]
+
+
+def test_a_record_nested_deeper_than_orjson_writes_is_written_by_json(tmp_path):
+    """orjson reads nesting it cannot write (about 255 levels and more): json writes that line."""
+    from kdtrain.annotate import _line
+    from kdtrain.data import JsonRecord, iter_jsonl
+
+    text = '{"prompt": "p", "teacher_text": "t", "metadata": ' + "[" * 300 + "1" + "]" * 300 + "}"
+    (tmp_path / "in.jsonl").write_text(text + "\n")
+    [(_, rec)] = list(iter_jsonl(tmp_path / "in.jsonl"))
+    assert not isinstance(rec, JsonRecord)  # orjson read it
+    got = json.loads(_line(rec, [1], [[1, 2]], [[-0.5, -1.0]], 1.0))
+    assert got["metadata"] == json.loads(text)["metadata"] and got["teacher_topk"]["ids"] == [[1, 2]]
+
+
+def test_a_teacher_with_non_finite_log_probs_is_named_not_written(toy, toy_pair, tmp_path):
+    """A teacher whose logits overflow (here: a NaN output weight) gives a clear error naming the
+    file and line, and no output, where orjson would have written its NaN log-probs as null."""
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(toy_pair["teacher"], teacher)
+    [weights] = teacher.glob("*.safetensors")
+    state = load_file(weights)
+    name = next((n for n in state if "lm_head" in n), None) or next(n for n in state if "embed_tokens" in n)  # tied
+    state[name][5] = math.nan
+    save_file(state, weights)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DataError, match=r"log-probabilities at response position \d+ are not finite \(file .*line 2\)"):  # line 1: the header
+        annotate(toy["dataset"], out, teacher, toy["tokenizer"], k=4)
+    assert not out.exists()
+
+
 def _mutate_packed(records: list[dict], what: str) -> list[dict]:
     packed = records[0]["teacher_api_logprobs"]
     if what == "positive":

@@ -585,3 +585,28 @@ def test_records_are_decoded_one_at_a_time(tmp_path):
     assert next(it) == (2, {"prompt": "a"})
     with pytest.raises(DataError, match=r"line 4"):
         next(it)
+
+
+BIG = "1" + "0" * 30  # an integer beyond 64 bits: orjson reads it as the float 1e+30
+
+
+@pytest.mark.parametrize("line, by_json", [
+    ('{"prompt": "p", "metadata": {"n": ' + BIG + '}}', True),
+    ('{"prompt": "p", "teacher_api_logprobs": {"k": 1, "vocab": ["a"], "extra": [' + BIG + ']}}', True),
+    ('{"prompt": "p", "teacher_api_logprobs": [{"token": "a", "logprob": -' + BIG + '}]}', True),
+    ('{"prompt": "p", "response_ids": [' + BIG + ']}', True),
+    ('{"prompt": "p", "teacher_topk": {"ids": [[' + BIG + ']]}}', False),  # its checks refuse the float
+    ('{"prompt": "p", "metadata": {"n": 18446744073709551615, "x": -1.5e18}}', False),
+    ('{"prompt": "p", "metadata": {"x": NaN}}', True),
+])
+def test_records_orjson_would_change_are_read_by_json(tmp_path, line, by_json):
+    """Every record reads to what json reads (an integer stays an integer), through orjson where
+    that is so and through json (a JsonRecord) where orjson refuses it or would read a float."""
+    from kdtrain.data import JsonRecord, iter_jsonl
+
+    (tmp_path / "d.jsonl").write_text(line + "\n")
+    [(_, rec)] = list(iter_jsonl(tmp_path / "d.jsonl"))
+    assert isinstance(rec, JsonRecord) == by_json
+    if "teacher_topk" not in line:
+        assert repr(rec) == repr(json.loads(line))
+

@@ -121,6 +121,7 @@ def test_endpoint_log_probs_become_a_kl_signal(toy_server, toy, tokenizer, tmp_p
     assert main(_gen(url, [prompts], out, 8, "--model", "toy", "--max-tokens", 6, "--temperature", 0,
                      "--logprobs", 4)) == 0
     assert all(set(r["teacher_api_logprobs"]) >= {"k", "vocab", "token", "top_token"} for r in _records(out))
+    assert {r["teacher_api_logprobs"]["float"] for r in _records(out)} == {"f4"}  # the server's float32 log-softmax
     capsys.readouterr()
     assert main(["annotate", str(out), str(annotated), "--tokenizer", str(toy["tokenizer"])]) == 0
     recs = _records(annotated)

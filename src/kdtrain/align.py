@@ -27,8 +27,9 @@ distinct tokens and four columns of numbers, each a hex string of little-endian 
 ``json`` takes about 600 ns to read one 17-digit float and 80 ns for an int (measured on the test
 machine), so the endpoint's own form, an object per alternative, costs some 65 ms to decode for
 1,000 tokens at K = 20, longer than aligning them; a hex string decodes at about 1 ns per
-character and ``bytes.fromhex`` is the fastest of the text codecs at hand (3x base64). Float64
-keeps every log-probability bit for bit. The token table holds each distinct (token, bytes) once,
+character and ``bytes.fromhex`` is the fastest of the text codecs at hand (3x base64). The
+log-probs are float32 where every value is one (a server computing in float32), else float64: bit
+for bit either way. The token table holds each distinct (token, bytes) once,
 and its lookup in the student's vocabulary is kept across records (``TokenTable``), so a record
 costs one dict lookup per distinct token and array work for the rest.
 
@@ -457,7 +458,8 @@ def pack_api_logprobs(content) -> dict:
             top_logprob.append(v)
     width = _index_type(len(vocab))
     logprob, top_logprob = np.asarray(logprob, np.float64), np.asarray(top_logprob, np.float64)
-    exact = all(np.array_equal(x.astype(np.float32), x) for x in (logprob, top_logprob))  # NaN: not equal
+    with np.errstate(over="ignore"):  # a log-prob below float32's range: inf, not equal
+        exact = all(np.array_equal(x.astype(np.float32), x) for x in (logprob, top_logprob))  # NaN: not equal
     name = "f4" if exact else "f8"
     return {"k": K, "vocab": vocab, "token": _hex(token, width), "logprob": _hex(logprob, _FLOATS[name]),
             "top_token": _hex(top_token, width), "top_logprob": _hex(top_logprob, _FLOATS[name]), "float": name}

@@ -38,6 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import orjson
 import torch
 
@@ -97,7 +98,7 @@ def _completed(path: Path, header: dict) -> int:
     raw = path.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]  # everything up to the last newline is whole
     try:
-        lines = keep.decode("utf-8").splitlines()
+        lines = keep.decode("utf-8").split("\n")[:-1]  # not splitlines: orjson writes U+2028, U+0085 raw
         old = json.loads(lines[0]).get("__header__") if lines else None
     except (ValueError, RecursionError, AttributeError):  # not UTF-8, not JSON (or too deep, too long a number), not an object
         old = None
@@ -238,6 +239,11 @@ def _local_lines(chunk, teacher: CrossTeacher, tok, path, max_len: int, k: int, 
         except align.AlignError as e:
             raise DataError(f"field 'teacher_text': {e} (file {path}, line {line_no}); a tokenizer that cannot "
                             "spell the text byte for byte cannot be aligned.") from None
+        bad = next((j for j, row in enumerate(lps) if row is not None and not np.isfinite(row).all()), None)
+        if bad is not None:
+            raise DataError(f"the teacher's log-probabilities at response position {bad} are not finite (file {path}, "
+                            f"line {line_no}): its logits overflowed; annotate on the CPU (--device cpu, float32) "
+                            "or check the teacher's weights.")
         rep.positions, rep.aligned = rep.positions + ns, rep.aligned + aligned
         rep.teacher_mass, rep.mapped_mass = rep.teacher_mass + total, rep.mapped_mass + mapped
         lines.append(_line(rec, s_resp[:ns], ids, lps, temperature))
@@ -247,11 +253,16 @@ def _local_lines(chunk, teacher: CrossTeacher, tok, path, max_len: int, k: int, 
 def _line(rec: dict, response: list[int], ids, lps, temperature: float) -> str:
     """The output line: the record with ``response_ids`` and ``teacher_topk``. orjson writes it
     (some 20x faster than json on the rows' float digits, 5x on long strings), except the fields of
-    a record that only json could read (``data.JsonRecord``: NaN, huge integers, lone surrogates),
-    which json writes back as they were. The rows: lists or arrays of ints and finite floats, or None."""
+    a record that only json could read (``data.JsonRecord``: NaN, huge integers, lone surrogates)
+    or nested deeper than orjson writes, which json writes back as they were (``teacher_topk`` then
+    goes last). The rows: lists or arrays of ints and finite floats (orjson would write NaN as
+    null; ``_local_lines`` checks), or None."""
     rows = {"ids": ids, "logprobs": lps, "temperature": temperature}
     if not isinstance(rec, JsonRecord):
-        return orjson.dumps({**rec, "response_ids": response, "teacher_topk": rows},
-                            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE).decode()
+        try:
+            return orjson.dumps({**rec, "response_ids": response, "teacher_topk": rows},
+                                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE).decode()
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+            pass
     head = json.dumps({**{key: v for key, v in rec.items() if key != "teacher_topk"}, "response_ids": response})
     return f'{head[:-1]}, "teacher_topk": {orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY).decode()}}}\n'

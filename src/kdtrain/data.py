@@ -328,8 +328,8 @@ class JsonlRecords:
         return HEADER if line_no == 1 and isinstance(rec, dict) and "__header__" in rec else rec
 
     def _decode_json(self, line_no: int, line: str):
-        """What orjson refuses: NaN literals and huge integers (which the checks then name), lone
-        surrogates, deep nesting, malformed JSON (named here, with json's message)."""
+        """What orjson refuses (NaN literals, lone surrogates, deep nesting, malformed JSON, named
+        here with json's message) or reads otherwise (integers beyond 64 bits)."""
         try:
             return json.loads(line)
         except json.JSONDecodeError as e:
@@ -344,7 +344,6 @@ class JsonlRecords:
 
 
 HEADER = object()  # what JsonlRecords._decode returns for a header line
-ROW_FIELDS = ("response_ids", "teacher_topk", "teacher_api_logprobs")  # checked number by number elsewhere
 
 
 class JsonRecord(dict):
@@ -353,15 +352,21 @@ class JsonRecord(dict):
 
 
 def _wide_int(rec: dict) -> bool:
-    """Whether a field other than the row fields (whose checks refuse a float where an integer
-    belongs) holds a float as large as an integer beyond 64 bits, as orjson reads one."""
+    """Whether the record holds a float as large as an integer beyond 64 bits, as orjson reads one
+    (a float literal that large sends the record to json too, which reads it the same). Not looked
+    at, for their size: ``teacher_topk`` (its checks refuse a float where an id belongs, and a
+    log-prob that large) and the packed form's ``vocab`` (a float is no byte value)."""
     def wide(v) -> bool:
         if v.__class__ is float:
             return abs(v) >= 2.0**63
         if v.__class__ is list:
             return any(map(wide, v))
         return v.__class__ is dict and any(map(wide, v.values()))
-    return any(wide(v) for key, v in rec.items() if key not in ROW_FIELDS)
+
+    api = rec.get("teacher_api_logprobs")
+    if api.__class__ is dict and "vocab" in api:
+        api = {key: v for key, v in api.items() if key != "vocab"}
+    return wide(api) or any(wide(v) for key, v in rec.items() if key not in ("teacher_topk", "teacher_api_logprobs"))
 
 
 def load_dataset(paths: list[str | Path], tokenizer, vocab_size: int, max_len: int | None = None) -> Dataset:

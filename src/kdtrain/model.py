@@ -372,7 +372,7 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
         hints.append("a smaller train.micro_batch_size with a larger train.grad_accum")
     hints.append("more GPUs")
     return (f"kdtrain info predicts {need['total'] / 2**30:.1f} GiB per GPU at world size {world_size}, more than "
-            f"this GPU's {gpu_bytes / 2**30:.1f} GiB; if it runs out of memory, try " + ", or ".join(hints) + ".")
+            f"the {gpu_bytes / 2**30:.1f} GiB this process may use of its GPU; if it runs out of memory, try " + ", or ".join(hints) + ".")
 
 
 def usable_gpu_bytes(device: torch.device) -> int:
@@ -381,7 +381,8 @@ def usable_gpu_bytes(device: torch.device) -> int:
     a card plans for that part."""
     index = device.index if device.index is not None else torch.cuda.current_device()  # (the fraction wants one)
     total = torch.cuda.get_device_properties(index).total_memory
-    return int(total * torch.cuda.get_per_process_memory_fraction(index))
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (a torch before 2.6 lacks it)
+    return int(total * (fraction(index) if fraction else 1.0))
 
 
 def host_memory() -> int | None:
