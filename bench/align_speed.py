@@ -11,9 +11,11 @@ Speed: ``--records`` endpoint records of about ``--tokens`` student tokens, each
 tokens and ``--k`` alternatives per token as ``teacher_api_logprobs``, in the packed form that
 gen-data writes (``--form list``: the endpoint's own list of objects, as older files hold), one
 thread. Timed, in CPU seconds, as ``kdtrain annotate`` does the work: decoding each record's JSON
-line (orjson, as annotate's reader; and freeing the record after), the student's tokenization (``Vocab.encode``, the ids of
-``tokenizer.encode``), ``parse_api_logprobs`` and ``align_api``; encoding the output line (annotate's
-``_line``: the record, its response ids and rows) is timed apart. ``--distinct`` records are kept as JSON lines and cycled, each decoded
+line (orjson, as annotate's reader; and freeing the record after), the student's tokenization
+(``Vocab.encode``, the ids of ``tokenizer.encode``), ``parse_api_logprobs`` and ``align_api``;
+encoding the output line (annotate's ``_line``: the record, its response ids and rows) is timed
+apart. The log-probs are float32 numbers (packed as float32), or with ``--float64`` numbers that
+are not (packed as float64). ``--distinct`` records are kept as JSON lines and cycled, each decoded
 afresh just before it is aligned, as a reader streaming the file does. The student tokenizer's
 BPE cache is emptied before each record (outside the timing), so lines of the cycled texts do not
 hit it from earlier records; the cache of teacher token strings -> student ids (``Vocab.by_text``)
@@ -194,7 +196,9 @@ def main() -> None:
     wall = time.perf_counter() - wall
     per_k = [t / a.records * 1e3 for t in cpu]  # seconds per 1,000 records
     total = sum(per_k[:4])
-    print(f"{a.records:,} records ({a.form} form, {'float64' if a.float64 else 'float32'} log-probs, {sum(map(len, lines)) / len(lines) / 1e3:.0f} kB a line), "
+    width = "float64" if a.float64 else "float32"
+    print(f"{a.records:,} records ({a.form} form, {width} log-probs, {sum(map(len, lines)) / len(lines) / 1e3:.0f} "
+          f"kB a line), "
           f"{positions:,} student tokens, K={a.k}; {aligned / positions:.1%} of positions aligned, "
           f"{mapped / listed:.1%} of the listed mass mapped")
     print(f"on one core, CPU s per 1,000 records: {total:.1f} (JSON decoding {per_k[0]:.1f}, student tokenization "

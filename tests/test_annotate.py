@@ -360,7 +360,8 @@ def test_a_teacher_with_non_finite_log_probs_is_named_not_written(toy, toy_pair,
     state[name][5] = math.nan
     save_file(state, weights)
     out = tmp_path / "out.jsonl"
-    with pytest.raises(DataError, match=r"log-probabilities at response position \d+ are not finite \(file .*line 2\)"):  # line 1: the header
+    expect = r"log-probabilities at response position \d+ are not finite \(file .*line 2\)"  # line 1: the header
+    with pytest.raises(DataError, match=expect):
         annotate(toy["dataset"], out, teacher, toy["tokenizer"], k=4)
     assert not out.exists()
 

@@ -378,9 +378,11 @@ class Rows:
         return [None if r is None else r.tolist() for r in self.per_position()[1]]
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Rows) and (self.n, self.listed_mass, self.mapped_mass) ==
-                (other.n, other.listed_mass, other.mapped_mass) and np.array_equal(self.positions, other.positions)
-                and np.array_equal(self.row_ids, other.row_ids) and np.array_equal(self.row_logprobs, other.row_logprobs))
+        if not isinstance(other, Rows):
+            return NotImplemented
+        return ((self.n, self.listed_mass, self.mapped_mass) == (other.n, other.listed_mass, other.mapped_mass)
+                and all(np.array_equal(getattr(self, a), getattr(other, a))
+                        for a in ("positions", "row_ids", "row_logprobs")))
 
 
 # ---- an endpoint's log-probs: the stored (packed) form, checked, aligned ----
