@@ -45,6 +45,7 @@ import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import repeat
 
 import numpy as np
@@ -369,11 +370,11 @@ class Rows:
             ids[q], lps[q] = ri, rl
         return ids, lps
 
-    @property
+    @cached_property
     def ids(self) -> list[list[int] | None]:
         return [None if r is None else r.tolist() for r in self.per_position()[0]]
 
-    @property
+    @cached_property
     def logprobs(self) -> list[list[float] | None]:
         return [None if r is None else r.tolist() for r in self.per_position()[1]]
 
