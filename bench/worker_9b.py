@@ -19,8 +19,8 @@ arch.n_kv_heads=2 arch.d_head=16 arch.d_ff=128 train.device=cpu train.precision=
 runs the first length on other GPU counts (same micro-batches per GPU) and prints the scaling of
 the total tokens/s. ``--gpu-memory-gib`` lets each process use only that much of its GPU
 (``torch.cuda.set_per_process_memory_fraction``; the trainer's ``auto`` plan follows it): an 80 GB
-card's plan and memory limit on a larger card, though not its speed. The lengths are driven by the bench, one after the other, as the curriculum
-of ``configs/worker_9b.yaml`` runs them. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
+card's plan and memory limit on a larger card, though not its speed. The lengths are driven by
+the bench, one after the other, as the curriculum of ``configs/worker_9b.yaml`` runs them. Data: synthetic KD JSONL (random tokens, top-64 rows) cut to each length;
 tokenizer: the toy tokenizer.
 """
 

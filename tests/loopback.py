@@ -35,7 +35,8 @@ def serve(app):
 class Faults:
     """ASGI middleware: counts chat-completions requests and answers the next ones with the faults
     queued in ``script``: ``"429"`` (with ``Retry-After: retry_after``), ``"500"``, ``"timeout"`` (waits
-    ``delay`` s, then answers normally), ``"malformed"`` (200 with a cut JSON body), ``"drop"`` (the
+    ``delay`` s, then answers normally), ``"malformed"`` (200 with a cut JSON body), ``"nan"`` (200 with a body that
+    holds a NaN literal, which json reads and orjson refuses), ``"drop"`` (the
     connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header);
     ``"ok"`` answers normally. ``peak`` is the most chat-completions requests it held at once.
     With ``key`` set, a request without ``Authorization: Bearer <key>`` gets 401."""
@@ -75,6 +76,11 @@ class Faults:
             return await _json(send, 400, {"error": {"message": f"bad request with {auth}", "type": "invalid"}})
         if fault == "malformed":
             return await _raw(send, 200, b'{"id": "x", "choices": [{"message": {"content": "cut', b"application/json")
+        if fault == "nan":
+            return await _raw(send, 200, b'{"id": "x", "object": "chat.completion", "created": 0, "model": "m", '
+                              b'"choices": [{"index": 0, "message": {"role": "assistant", "content": "an answer"}, '
+                              b'"finish_reason": "stop", "logprobs": null}], "usage": {"prompt_tokens": 3, '
+                              b'"completion_tokens": 2, "total_tokens": 5}, "x_score": NaN}', b"application/json")
         if fault == "drop":
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})

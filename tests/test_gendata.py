@@ -223,6 +223,18 @@ def test_faults_are_retried_and_failures_logged(fake_server, tmp_path, capsys, t
     assert errors[0]["id"] not in {r["id"] for r in recs}
 
 
+def test_a_body_only_json_reads_is_a_record(fake_server, tmp_path):
+    """A body orjson refuses but json reads (a NaN literal in a field gen-data does not use) is
+    read, not logged as malformed."""
+    url, faults = fake_server
+    faults.reset("nan")
+    out = tmp_path / "out.jsonl"
+    assert main(_gen(url, [_prompts(tmp_path / "p.jsonl", 3)], out, 1, "--model", "m", "--concurrency", 1)) == 0
+    [rec] = _records(out)
+    assert rec["teacher_text"] == "an answer" and faults.count == 1
+    assert not (tmp_path / "out.jsonl.errors.jsonl").exists()
+
+
 def test_a_closed_connection_and_a_timeout_are_told_apart(fake_server, tmp_path, transport):
     """Without retries each failure is logged with its reason: a timeout, a connection cut mid-body and one
     closed before any answer (which openai's aiohttp transport reports as a connect timeout)."""

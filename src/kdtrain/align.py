@@ -531,11 +531,12 @@ def _columns(packed: dict):
         raise AlignError(f"packed field 'k' must be the number of alternatives per token (>= 1), got {K!r:.40}")
     if vocab.__class__ is not list or not vocab:
         raise AlignError("packed field 'vocab' must be a non-empty list of tokens")
-    floats = _FLOATS.get(packed.get("float", "f8")) if packed.get("float", "f8").__class__ is str else None
+    name = packed.get("float", "f8")
+    floats = _FLOATS.get(name) if name.__class__ is str else None
     if floats is None:
         raise AlignError(f"packed field 'float' must be \"f4\" or \"f8\" (the log-probs' width), got "
                          f"{packed.get('float')!r:.40}")
-    logprob, top_lp = (_unhex(packed, name, floats).astype(np.float64) for name in ("logprob", "top_logprob"))
+    logprob, top_lp = (_unhex(packed, column, floats).astype(np.float64) for column in ("logprob", "top_logprob"))
     n = len(logprob)
     if not n or len(top_lp) != n * K:
         raise AlignError(f"packed fields 'logprob' and 'top_logprob' hold {n} and {len(top_lp)} values: "
@@ -617,7 +618,7 @@ def _check_logprobs(logprob: np.ndarray, top_lp: np.ndarray) -> np.ndarray:
         _value(logprob[j], j, "logprob")
         for v in top_lp[j]:
             _value(v, j, "top_logprobs[].logprob")
-        if np.exp(top_lp[j]).sum() > 1 + 1e-3:
+        if p[j].sum() > 1 + 1e-3:
             raise AlignError(f"token {j}'s top_logprobs sum above probability 1: they must be normalised "
                              "log-probabilities", j)
     return p

@@ -372,7 +372,8 @@ def memory_warning(cfg: Config, world_size: int, gpu_bytes: int) -> str | None:
         hints.append("a smaller train.micro_batch_size with a larger train.grad_accum")
     hints.append("more GPUs")
     return (f"kdtrain info predicts {need['total'] / 2**30:.1f} GiB per GPU at world size {world_size}, more than "
-            f"the {gpu_bytes / 2**30:.1f} GiB this process may use of its GPU; if it runs out of memory, try " + ", or ".join(hints) + ".")
+            f"the {gpu_bytes / 2**30:.1f} GiB this process may use of its GPU; if it runs out of memory, try "
+            + ", or ".join(hints) + ".")
 
 
 def usable_gpu_bytes(device: torch.device) -> int:
