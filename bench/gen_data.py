@@ -1,7 +1,7 @@
 """``kdtrain gen-data`` throughput against an endpoint that answers after a fixed delay (no model).
 
     python bench/gen_data.py [--delay 0.2] [--concurrency 1 8 32 128] [--seconds 4] [--min-records 40]
-                             [--client-cpu N] [--no-aiohttp]
+                             [--client-cpu N [N ...]] [--processes N] [--no-aiohttp]
 
 The server is a bare ASGI app on uvicorn in its own process; it reads the request, waits ``--delay``
 and answers a fixed chat completion. Each row is one ``gen_data`` call in this process (imports and a
@@ -9,22 +9,27 @@ warm-up run done before) with ``max(--min-records, concurrency / delay * --secon
 prints:
 
 - records/s, the ideal ``concurrency / delay`` and their ratio (goal: at least 90% up to 128);
-- client CPU ms per record: this process's user + system time (``getrusage``) over the call, divided
-  by the records (goal: under 2 ms), then user and system apart; "client %" and "server %" are
-  each process's CPU time over the wall time (100% = one core busy), which shows which one, if
-  either, ran out of CPU (the server's read from /proc, "-" where there is none);
+- "procs": gen-data's client processes for the row (0: this process sends the requests; by default
+  none up to 32 in flight, else one per 32; ``--processes N`` sets it);
+- client CPU ms per record: the user + system time (``getrusage``) of this process and of the client
+  processes over the call, divided by the records (goal: under 2 ms), then user and system apart,
+  and "net": the same less the fixed CPU of a call (see below), what a record costs in a long run;
+  "client %" and "server %" are the client side's and the server's CPU time over the wall time
+  (100% = one core busy), which shows which one, if either, ran out of CPU (the server's read from
+  /proc, "-" where there is none);
 - "bare ms/req": the CPU per request of the same clients (``make_clients``, made before the clock
   starts) posting one request over and over at the same concurrency, no gen-data around them: the
   floor that the openai client and its HTTP stack set; ``--no-bare`` skips it;
 - "own ms/rec": the CPU per record of the same ``gen_data`` call with clients that answer at once
-  without HTTP (``Stub``): gen-data's own work (plan, cache, output, bookkeeping);
+  without HTTP (``Stub``): gen-data's own work (plan, cache, output, bookkeeping, and with client
+  processes the messages to and from them);
 - the 1-minute load average after the row (this process and the server count in it).
 
 Before the table it prints the CPU, the clients' HTTP transport (openai's aiohttp one where aiohttp
 is installed, else its default httpx one; ``--no-aiohttp`` picks the default one anyway, as where
 aiohttp is missing), the fixed CPU cost of one ``gen_data`` call (a rerun that finds every record done:
 clients, TLS context, prompts, output), which each row's figure includes, and the load average.
-``--client-cpu N`` pins this process (not the server) to CPU ``N``, so "client %" is of that one core.
+``--client-cpu N [N ...]`` pins this process and its client processes (not the server) to those CPUs.
 """
 
 from __future__ import annotations
@@ -84,8 +89,16 @@ def wait_for(port: int, timeout: float = 30.0) -> None:
 
 
 def cpu_self() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """User + system seconds of this process and of its ended children (the client processes; the server
+    runs to the end)."""
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def usage() -> tuple[float, float]:
+    """(user, system) seconds of this process and its ended children."""
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + c.ru_utime, r.ru_stime + c.ru_stime
 
 
 def cpu_of(pid: int) -> float | None:
@@ -164,7 +177,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="ideal duration of each run")
     ap.add_argument("--min-records", type=int, default=40, help="records of a run at least")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-client column")
-    ap.add_argument("--client-cpu", type=int, default=None, help="pin this process (not the server) to this CPU")
+    ap.add_argument("--client-cpu", type=int, nargs="+", default=None,
+                    help="pin this process and the client processes (not the server) to these CPUs")
+    ap.add_argument("--processes", type=int, default=None, help="gen-data's --processes (default: its own)")
     ap.add_argument("--no-aiohttp", action="store_true", help="openai's default httpx transport even with aiohttp")
     ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -186,7 +201,7 @@ def main() -> None:
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay", str(a.delay)])
     if a.client_cpu is not None:
-        os.sched_setaffinity(0, {a.client_cpu})
+        os.sched_setaffinity(0, set(a.client_cpu))
     try:
         wait_for(port)
         with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
@@ -198,7 +213,8 @@ def main() -> None:
                 prompts = Path(tmp) / f"{name}.txt"
                 prompts.write_text("".join(f"bench prompt {i}\n" for i in range(n)), encoding="utf-8")
                 return GenConfig(prompts=[str(prompts)], out=f"{tmp}/{name}.jsonl", endpoint=f"http://127.0.0.1:{port}/v1",
-                                 model="bench", total=n, concurrency=c, max_tokens=16, cache_dir=f"{tmp}/cache-{name}")
+                                 model="bench", total=n, concurrency=c, max_tokens=16, cache_dir=f"{tmp}/cache-{name}",
+                                 processes=a.processes)
 
             warm = config("warm", 16, 8)
             run(warm)  # imports and first-use costs
@@ -206,30 +222,31 @@ def main() -> None:
             run(warm)  # every record done: only the fixed cost of a call
             fixed = cpu_self() - cpu0
             transport = "httpx" if isinstance(gendata._http_client(True), openai.DefaultAsyncHttpxClient) else "aiohttp"
-            pinned = "" if a.client_cpu is None else f", client pinned to CPU {a.client_cpu}"
+            pinned = "" if a.client_cpu is None else f", client pinned to CPUs {a.client_cpu}"
             print(f"{cpu_name()}, {os.cpu_count()} CPUs{pinned}; Python {platform.python_version()}, openai "
                   f"{openai.__version__} ({gendata._http_module().__name__}, {transport} transport), "
                   f"{gendata.CLIENT_REQUESTS} requests per client")
             print(f"delay {a.delay * 1000:.0f} ms; fixed CPU per gen_data call {fixed * 1000:.0f} ms (included below); "
                   f"load average {os.getloadavg()[0]:.2f}")
-            head = (f"{'concurrency':>11} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "
-                    f"{'user':>5} {'sys':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'own ms/rec':>10} {'load':>5}")
+            head = (f"{'concurrency':>11} {'procs':>5} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "
+                    f"{'user':>5} {'sys':>5} {'net':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'own ms/rec':>10} {'load':>5}")
             print(head, flush=True)
             for c in a.concurrency:
                 n = max(a.min_records, round(c / a.delay * a.seconds))
                 cfg = config(f"c{c}", n, c)
-                r0, srv0, t0 = resource.getrusage(resource.RUSAGE_SELF), cpu_of(server.pid), time.perf_counter()
+                r0, srv0, t0 = usage(), cpu_of(server.pid), time.perf_counter()
                 s = run(cfg)
                 wall = time.perf_counter() - t0
-                r1, srv1 = resource.getrusage(resource.RUSAGE_SELF), cpu_of(server.pid)
+                r1, srv1 = usage(), cpu_of(server.pid)
                 assert s["records"] == n and s["requests"] == n, s
-                user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+                user, system = r1[0] - r0[0], r1[1] - r0[1]
                 srv = f"{(srv1 - srv0) / wall:.0%}" if srv0 is not None and srv1 is not None else "-"
                 floor = "-" if a.no_bare else f"{bare(cfg, n) / n * 1000:.2f}"
                 alone = f"{own(run, config(f's{c}', n, c)) / n * 1000:.2f}"
                 ideal = c / a.delay
-                print(f"{c:>11} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} {n / wall / ideal:>6.1%} "
+                print(f"{c:>11} {gendata.process_count(cfg):>5} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} {n / wall / ideal:>6.1%} "
                       f"{(user + system) / n * 1000:>10.2f} {user / n * 1000:>5.2f} {system / n * 1000:>5.2f} "
+                      f"{(user + system - fixed) / n * 1000:>5.2f} "
                       f"{(user + system) / wall:>8.0%} {srv:>8} {floor:>11} {alone:>10} {os.getloadavg()[0]:>5.2f}", flush=True)
     finally:
         server.terminate()

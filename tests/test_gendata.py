@@ -423,13 +423,29 @@ def _quiet_main(argv):
     os._exit(main(argv))
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that nobody reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts client processes in Linux's /proc")
 def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):
     """Ten SIGKILLs of ``kdtrain gen-data`` processes, each a random moment after the output has grown
     by a random number of records (so each lands mid-run on any machine), then the same command as a
-    fresh ``python -m kdtrain`` to completion. The killed processes are forked from this one, which has
-    imported kdtrain already: a fresh interpreter per kill would spend the test's time importing torch.
-    They flush every 4 records, so kills land between small batches and the test stays short."""
+    fresh ``python -m kdtrain`` with two client processes to completion. Every other killed run sends
+    through two client processes, which must exit when their run is killed. The killed processes are
+    forked from this one, which has imported kdtrain already: a fresh interpreter per kill would spend
+    the test's time importing torch. They flush every 4 records, so kills land between small batches
+    and the test stays short."""
     import multiprocessing
 
     import kdtrain.gendata
@@ -440,24 +456,34 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_records(tmp_p
     rng = random.Random(0)
     killed = tmp_path / "killed.jsonl"
     with serve(Faults(fake_chat_app(delay=0.2))) as url:
-        def argv(out, cache, concurrency):
+        def argv(out, cache, concurrency, processes=0):
             return _gen(url, [prompts], out, total, "--model", "m", "--temperature", 0, "--concurrency", concurrency,
-                        "--cache-dir", cache)
+                        "--cache-dir", cache, "--processes", processes)
 
-        for _ in range(10):
+        orphans = []
+        for kill in range(10):
             target = _lines(killed) + rng.randint(1, 8)
-            proc = multiprocessing.get_context("fork").Process(target=_quiet_main, args=(argv(killed, tmp_path / "c1", 8),))
+            processes = 2 * (kill % 2)  # every other run sends through two client processes
+            proc = multiprocessing.get_context("fork").Process(
+                target=_quiet_main, args=(argv(killed, tmp_path / "c1", 8, processes),))
             proc.start()
             deadline = time.monotonic() + 30
             while proc.is_alive() and _lines(killed) < target and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.3))
             assert proc.is_alive(), "the run ended before its kill"
+            children = _children(proc.pid)
+            assert len(children) == processes
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()
+            orphans += children
+        deadline = time.monotonic() + 30  # the client processes see their socket close and exit
+        while any(map(_alive, orphans)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, orphans))
         assert 0 < _lines(killed) < total
         env = {**os.environ, "KD_TEST_KEY": KEY}
-        subprocess.run([sys.executable, "-m", "kdtrain", *argv(killed, tmp_path / "c1", 8)], env=env, check=True,
+        subprocess.run([sys.executable, "-m", "kdtrain", *argv(killed, tmp_path / "c1", 8, 2)], env=env, check=True,
                        capture_output=True)
         assert main(argv(tmp_path / "clean.jsonl", tmp_path / "c2", 64)) == 0
     got, ref = _records(killed), _records(tmp_path / "clean.jsonl")
@@ -616,14 +642,17 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "p.jsonl"]
 
 
-def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path):
+@pytest.mark.parametrize("processes", [0, 2])
+def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path, processes):
+    """SIGINT to gen-data alone (its client processes ignore it and exit when their sockets close)."""
     import multiprocessing
 
     prompts = _prompts(tmp_path / "p.jsonl", 200)
     out = tmp_path / "o.jsonl"
     with serve(Faults(fake_chat_app(delay=0.2))) as url:
         proc = multiprocessing.get_context("fork").Process(
-            target=_quiet_main, args=(_gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4),))
+            target=_quiet_main, args=(_gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4,
+                                           "--processes", processes),))
         proc.start()
         deadline = time.monotonic() + 30
         while _lines(out) < 2 and time.monotonic() < deadline:
@@ -635,3 +664,105 @@ def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path):
     summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
     recs = _records(out)
     assert summary["stopped"] == "interrupted" and summary["records"] == len(recs) < 200
+
+
+def test_process_count_follows_the_concurrency(monkeypatch):
+    """None up to PROCESS_REQUESTS in flight, then one per PROCESS_REQUESTS, at most one per CPU;
+    --processes wins; and where processes cannot be forked, none by default."""
+    import multiprocessing
+
+    from kdtrain import gendata
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    per = gendata.PROCESS_REQUESTS
+
+    def count(concurrency, processes=None):
+        return gendata.process_count(gendata.GenConfig([], "o", "http://x/v1", "m", 1, concurrency=concurrency,
+                                                       processes=processes))
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        assert [count(c) for c in (1, per, per + 1, 2 * per, 2 * per + 1, 100 * per)] == [0, 0, 2, 2, 3, 3]
+    assert count(1, processes=2) == 2 and count(100 * per, processes=0) == 0
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    assert count(100 * per) == 0
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_client_processes_retry_log_and_count_as_in_process(fake_server, tmp_path, processes):
+    """The fault script of test_faults_are_retried_and_failures_logged, sent through client processes:
+    the same records, retries, requests, errors and Retry-After wait."""
+    url, faults = fake_server
+    prompts = _prompts(tmp_path / "p.jsonl", 10)
+    out = tmp_path / "out.jsonl"
+    faults.reset("429", "ok", "500", "ok", "drop", "ok", "timeout", "ok", "malformed")
+    args = _gen(url, [prompts], out, 5, "--model", "m", "--concurrency", 1, "--timeout", 0.5, "--temperature", 0,
+                "--processes", processes)
+    assert main(args) == 0
+    recs = _records(out)
+    assert len(recs) == 5 and len({r["id"] for r in recs}) == 5
+    assert faults.count == 10 and faults.times[1] - faults.times[0] >= 1.0
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert (summary["retries"], summary["errors"], summary["requests"]) == (4, 1, 10)
+    errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "malformed" in errors[0]["reason"]
+
+
+@pytest.mark.parametrize("case", ["bad-key", "most-fail"])
+def test_client_processes_stop_the_run_once_on_failures_every_request_repeats(case, fake_server, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A 401 in a client process stops the run with the in-process message; a window of failed requests,
+    each answered by a client process, stops it too; nothing is written but the errors; no key shown."""
+    url, faults = fake_server
+    faults.reset(*(["echo-key"] * 20 if case == "most-fail" else []))
+    if case == "bad-key":
+        monkeypatch.setenv("KD_TEST_KEY", "sk-wrong-key")
+    code = main(_gen(url, [_prompts(tmp_path / "p.jsonl", 20)], tmp_path / "out.jsonl", 5, "--model", "m",
+                     "--max-retries", 1, "--concurrency", 4, "--processes", 2))
+    assert code == 2
+    err = capsys.readouterr().err
+    expect = {"bad-key": "set the environment variable KD_TEST_KEY", "most-fail": "of the last"}[case]
+    assert expect in err and "Stopped with 0 of 5 records" in err and err.count("error:") == 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["out.jsonl.errors.jsonl", "p.jsonl"] if case == "most-fail" else ["p.jsonl"])
+    assert KEY not in err
+    if case == "most-fail":  # the key a server echoed is redacted in the client process, before it is logged
+        assert KEY not in (tmp_path / "out.jsonl.errors.jsonl").read_text()
+
+
+def test_a_client_process_that_dies_stops_the_run_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """SIGKILL to a client process mid-run: gen-data stops with one message (exit 2), keeps the records
+    it has, and the same command finishes the run."""
+    import threading
+
+    from kdtrain import gendata
+
+    started = []
+    real_start = gendata.Workers.start
+
+    async def start(self):
+        started.append(self)
+        await real_start(self)
+
+    monkeypatch.setattr(gendata.Workers, "start", start)
+    prompts = _prompts(tmp_path / "p.jsonl", 60)
+    out = tmp_path / "o.jsonl"
+    with serve(Faults(fake_chat_app(delay=0.2))) as url:
+        args = _gen(url, [prompts], out, 60, "--model", "m", "--concurrency", 4, "--processes", 2)
+
+        def kill_one():
+            deadline = time.monotonic() + 60
+            while _lines(out) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(started[0].procs[1].pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        assert main(args) == 2
+        killer.join()
+        err = capsys.readouterr().err
+        assert "client process 1 ended (exit code -9)" in err and "rerun the same command" in err
+        assert err.count("error:") == 1 and "Traceback" not in err
+        assert 0 < len(_records(out)) < 60
+        assert main(args) == 0
+    recs = _records(out)
+    assert len(recs) == 60 and len({r["id"] for r in recs}) == 60

@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher's tokenizer, for exact prompt token counts in --dry-run")
     g.add_argument("--max-retries", type=int, default=5, help="retries of a request on 429, 5xx, timeouts, drops")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one response")
+    g.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="client processes that send the requests (0: this one; default: none up to 32 in flight, "
+                        "else one per 32)")
     g.set_defaults(fn=cmd_gen_data)
 
     v = sub.add_parser("serve-teacher", help="OpenAI-compatible chat-completions server over a local HF causal LM")

@@ -41,22 +41,31 @@ requests that mostly failed. A run that stops before its first record leaves not
 Clients. Requests go through the official ``openai`` async client's generic POST, spread over one
 client (with its own connection pool) per ``CLIENT_REQUESTS`` requests in flight, over openai's
 aiohttp transport where aiohttp is installed (the ``gen`` extra installs it; a quarter to a third
-less CPU per request) and its default httpx transport otherwise; see ``make_clients``.
+less CPU per request) and its default httpx transport otherwise; see ``make_clients``. Past
+``PROCESS_REQUESTS`` in flight the clients live in client processes, one per ``PROCESS_REQUESTS``
+(``--processes``); see ``Workers``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
+import signal
+import socket
+import struct
 import sys
+import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -73,6 +82,7 @@ FLUSH_EVERY, FLUSH_SECONDS = 32, 1.0
 WINDOW, WINDOW_MIN_FAILS = 10, 5  # stop when >= 5 of the last 10 requests failed for good, most of them
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 CLIENT_REQUESTS = 8  # requests in flight per client (see make_clients)
+PROCESS_REQUESTS = 32  # requests in flight per client process (see Workers)
 
 
 @dataclass
@@ -103,6 +113,7 @@ class GenConfig:
     drop_truncated: bool = False
     max_retries: int = 5
     timeout: float = 120.0
+    processes: int | None = None  # client processes; None: see process_count
 
 
 @dataclass
@@ -520,7 +531,7 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, stats: Stats, redact):
-    """(body, latency) or (None, reason) after retries; raises Fatal for failures every request would repeat."""
+    """(content, latency) or (None, reason) after retries; raises Fatal for failures every request would repeat."""
     import openai
 
     for attempt in itertools.count():
@@ -532,15 +543,7 @@ async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, s
             # the typed request transform of chat.completions.create (most of its CPU per request).
             content = await client.post("/chat/completions", cast_to=bytes,
                                         body={"model": cfg.model, "messages": messages, **params})
-            try:  # orjson: a body with K = 20 log-probs is mostly numbers, which it reads ~5x faster
-                body = orjson.loads(content)
-            except orjson.JSONDecodeError:
-                try:  # what orjson refuses (NaN, lone surrogates) json reads, and the checks judge
-                    body = json.loads(content)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    return None, f"malformed JSON body from the endpoint: {e}"
-            why = _check_body(body)
-            return (body, time.monotonic() - t0) if why is None else (None, f"malformed response: {why}")
+            return content, time.monotonic() - t0
         except openai.AuthenticationError as e:
             where = "" if os.environ.get(cfg.api_key_env) else " (it is not set)"
             raise Fatal(f"the endpoint rejected the API key (401: {redact(e.message)}): set the environment "
@@ -572,6 +575,203 @@ async def _request(client, cfg: GenConfig, messages: list[dict], params: dict, s
         else:
             wait *= random.uniform(1.0, 1.1)
         await asyncio.sleep(wait)
+
+
+def _parse(content: bytes) -> tuple[dict | None, str | None]:
+    """(body, None) for a usable chat-completions body, else (None, why)."""
+    try:  # orjson: a body with K = 20 log-probs is mostly numbers, which it reads ~5x faster
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses (NaN, lone surrogates) json reads, and the checks judge
+            body = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, f"malformed JSON body from the endpoint: {e}"
+    why = _check_body(body)
+    return (body, None) if why is None else (None, f"malformed response: {why}")
+
+
+# ---------------------------------------------------------------- client processes
+
+
+def process_count(cfg: GenConfig) -> int:
+    """Client processes for the run (0: this process sends the requests): ``--processes``, or by default
+    none up to ``PROCESS_REQUESTS`` in flight, else one per ``PROCESS_REQUESTS`` (at most one per CPU),
+    where processes can be forked."""
+    if cfg.processes is not None:
+        return cfg.processes
+    if cfg.concurrency <= PROCESS_REQUESTS or "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    return min(-(-cfg.concurrency // PROCESS_REQUESTS), os.cpu_count() or 1)
+
+
+def _frame(meta, content: bytes = b"") -> bytes:
+    """A message between gen-data and a client process: two lengths, orjson ``meta``, raw ``content``."""
+    m = orjson.dumps(meta)
+    return struct.pack("!II", len(m), len(content)) + m + content
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[object, bytes]:
+    m, c = struct.unpack("!II", await reader.readexactly(8))
+    data = await reader.readexactly(m + c)
+    return orjson.loads(data[:m]), data[m:]
+
+
+class Workers:
+    """Client processes that send the run's requests, for more in flight than one event loop can serve.
+
+    One event loop spends about 1.3-1.6 ms of CPU per request on a fast core (bench/gen_data.py), most
+    of it in the ``openai`` client and its HTTP stack; at 128 in flight and 200 ms a response that is
+    a whole core, so the loop falls behind (82-85% of the ideal rate on a quiet Xeon; 88-94% with two
+    processes, 92-94% with four). With ``n`` processes each sends its share of the requests in flight through
+    its own clients (``make_clients`` over its share) and ``_request``, and answers with the raw body, its
+    latency or failure reason, and its request and retry counts. Everything else stays here: the plan,
+    the budget, the cache, the output and the failure window, so kill -9, Ctrl-C and the budget behave as
+    with requests sent in process. A client process ignores SIGINT and exits when its socket closes (this
+    process ended, however it ended). Processes are forked where the platform can and this process runs
+    no other thread (milliseconds; nothing to import again), else forked from a forkserver (which imports
+    gen-data once per process that uses it; a fork of a process with threads can deadlock), else spawned.
+    """
+
+    def __init__(self, cfg: GenConfig, n: int, key: str | None):
+        methods = multiprocessing.get_all_start_methods()
+        method = "fork" if "fork" in methods and threading.active_count() == 1 else \
+            "forkserver" if "forkserver" in methods else "spawn"
+        if method == "forkserver":  # its server imports gen-data once; each process is forked from it
+            multiprocessing.get_context(method).set_forkserver_preload([__name__, "openai", "aiohttp"])
+        if method == "fork":  # imported once here rather than in each process
+            import openai  # noqa: F401
+
+            with contextlib.suppress(ImportError):
+                import aiohttp  # noqa: F401
+        ctx = multiprocessing.get_context(method)
+        self.procs, self.socks = [], []
+        for i in range(n):
+            ours, theirs = socket.socketpair()
+            self.socks.append(ours)
+            # A forked process holds copies of this side's sockets; it closes them, or it would not see
+            # the EOF when this process ends (nor would the processes forked before it).
+            close = [s.fileno() for s in self.socks] if method == "fork" else []
+            share = max(len(range(i, cfg.concurrency, n)), 1)
+            proc = ctx.Process(target=_client_process, args=(theirs, replace(cfg, concurrency=share), key, close),
+                               name=f"gen-data client {i}", daemon=True)
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+        self.writers: list[asyncio.StreamWriter] = []
+        self.waiting: dict[int, tuple[int, asyncio.Future]] = {}  # job -> (process, its result)
+        self.jobs = itertools.count()
+        self.listeners: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        for i, sock in enumerate(self.socks):
+            reader, writer = await asyncio.open_connection(sock=sock)
+            self.writers.append(writer)
+            self.listeners.append(asyncio.create_task(self._listen(i, reader)))
+
+    async def _listen(self, i: int, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                meta, content = await _read_frame(reader)
+                _, fut = self.waiting.pop(meta[0], (None, None))
+                if fut is not None and not fut.done():
+                    fut.set_result((meta, content))
+        except (asyncio.IncompleteReadError, OSError):  # the process ended
+            self.procs[i].join(timeout=1.0)
+            error = Fatal(f"gen-data's client process {i} ended (exit code {self.procs[i].exitcode}); "
+                          "rerun the same command to continue.")
+            for job, (j, fut) in list(self.waiting.items()):
+                if j == i and not fut.done():
+                    fut.set_exception(error)
+
+    async def request(self, i: int, messages: list[dict], params: dict, stats: Stats):
+        """As ``_request``, sent by client process ``i``."""
+        job, fut = next(self.jobs), asyncio.get_running_loop().create_future()
+        if self.listeners[i].done():
+            raise Fatal(f"gen-data's client process {i} ended (exit code {self.procs[i].exitcode}); rerun the "
+                        "same command to continue.")
+        self.waiting[job] = (i, fut)
+        try:
+            self.writers[i].write(_frame([job, messages, params]))
+            (_, kind, info, requests, retries), content = await fut
+        finally:
+            self.waiting.pop(job, None)
+        stats.requests += requests
+        stats.retries += retries
+        if kind == "fatal":
+            raise Fatal(info)
+        return (content, info) if kind == "ok" else (None, info)
+
+    async def aclose(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        for task in self.listeners:
+            task.cancel()
+        await asyncio.gather(*self.listeners, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Close the sockets (each process exits at the EOF) and wait; terminate what lingers."""
+        for sock in self.socks:
+            sock.close()
+        deadline = time.monotonic() + 10.0
+        for proc in self.procs:
+            proc.join(timeout=max(deadline - time.monotonic(), 0.1))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close: list[int]) -> None:
+    """The body of a client process (see Workers): requests in, results out, until the socket closes.
+    ``key`` is the main process's API key (a forkserver's environment is that of its start)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    for fd in close:
+        os.close(fd)
+    if key is None:
+        os.environ.pop(cfg.api_key_env, None)
+    else:
+        os.environ[cfg.api_key_env] = key
+
+    def redact(text: str) -> str:
+        return text.replace(key, "***") if key else text
+
+    async def main():
+        reader, writer = await asyncio.open_connection(sock=sock)
+        clients = make_clients(cfg, key)
+        free = deque(clients[i % len(clients)] for i in range(cfg.concurrency))
+        stats, tasks = Stats(), set()
+
+        async def one(job: int, messages: list[dict], params: dict) -> None:
+            client, content = free.popleft() if free else clients[job % len(clients)], b""
+            try:
+                content, info = await _request(client, cfg, messages, params, stats, redact)
+                kind = "fail" if content is None else "ok"
+            except Fatal as e:
+                kind, info = "fatal", str(e)
+            except Exception as e:  # noqa: BLE001 - told to the main process, which stops the run
+                kind, info = "fatal", f"gen-data's client process failed: {type(e).__name__}: {redact(str(e))}"
+            finally:
+                free.append(client)
+            writer.write(_frame([job, kind, info, stats.requests, stats.retries], content or b""))
+            stats.requests = stats.retries = 0
+
+        try:
+            while True:
+                try:
+                    (job, messages, params), _ = await _read_frame(reader)
+                except (asyncio.IncompleteReadError, OSError):
+                    break
+                task = asyncio.create_task(one(job, messages, params))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for client in clients:
+                await client.close()
+            writer.close()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- the run
@@ -668,12 +868,14 @@ class Run:
                         f"check --endpoint {self.cfg.endpoint} and --model {self.cfg.model}. Details in "
                         f"{self.errors_path}.")
 
-    async def run(self, clients: list, bar, redact) -> None:
+    async def run(self, senders: list, bar) -> None:
+        """Send the plan's requests through ``senders`` (each ``await send(messages, params)`` gives what
+        ``_request`` gives: a client of this process, or a client process)."""
         cfg, stats = self.cfg, self.stats
         pending = deque(self.jobs)
-        # One slot per request in flight, spread over the clients; a request holds its slot through its
-        # retries and gives it back when it ends, so no client ever has more than its share in flight.
-        free = deque(clients[i % len(clients)] for i in range(cfg.concurrency))
+        # One slot per request in flight, spread over the senders; a request holds its slot through its
+        # retries and gives it back when it ends, so no sender ever has more than its share in flight.
+        free = deque(senders[i % len(senders)] for i in range(cfg.concurrency))
         in_flight: dict[asyncio.Task, tuple[Prompt, int, str, float, object]] = {}
         finished: asyncio.Queue = asyncio.Queue()  # tasks land here as they end: O(1) per request
         reserved, shown = 0.0, 0.0
@@ -697,23 +899,23 @@ class Run:
                         break
                     pending.popleft()
                     reserved += worst
-                    client = free.popleft()
-                    task = asyncio.create_task(_request(client, cfg, p.messages, sampling_params(cfg, j), stats,
-                                                        redact))
+                    send = free.popleft()
+                    task = asyncio.create_task(send(p.messages, sampling_params(cfg, j)))
                     task.add_done_callback(finished.put_nowait)
-                    in_flight[task] = (p, j, key, worst, client)
+                    in_flight[task] = (p, j, key, worst, send)
                 if not in_flight:
                     break
                 done = [await finished.get()]
                 while not finished.empty():
                     done.append(finished.get_nowait())
                 for task in done:
-                    p, j, key, worst, client = in_flight.pop(task)
-                    free.append(client)
+                    p, j, key, worst, send = in_flight.pop(task)
+                    free.append(send)
                     reserved -= worst
-                    body, info = task.result()
+                    content, info = task.result()
+                    body, why = _parse(content) if content is not None else (None, info)
                     if body is None:
-                        self._fail(p, j, info)
+                        self._fail(p, j, why)
                         continue
                     self.recent.append(True)
                     self._charge(body)
@@ -771,6 +973,7 @@ def _validate(cfg: GenConfig) -> None:
          "--budget needs --price-in and/or --price-out (per million tokens) to measure spend."),
         (cfg.max_retries >= 0, f"--max-retries must be >= 0, got {cfg.max_retries}."),
         (cfg.timeout > 0, f"--timeout must be > 0 seconds, got {cfg.timeout}."),
+        (cfg.processes is None or cfg.processes >= 0, f"--processes must be >= 0, got {cfg.processes}."),
         (urlparse(cfg.endpoint).scheme in ("http", "https"),
          f"--endpoint {cfg.endpoint!r} must be an http(s) URL, e.g. http://127.0.0.1:8000/v1."),
     ]
@@ -818,16 +1021,29 @@ def gen_data(cfg: GenConfig) -> dict:
     def redact(text: str) -> str:  # servers may echo the key in an error message
         return text.replace(key, "***") if key else text
 
+    n = process_count(cfg) if run.jobs and run.already < cfg.total else 0
+    workers = Workers(cfg, n, key) if n else None  # forked before the event loop and the progress bar's thread
+
     async def main():
         from tqdm import tqdm
 
-        clients = make_clients(cfg, key)
-        with tqdm(total=cfg.total, initial=run.already, unit="rec", desc="gen-data", mininterval=0.5) as bar:
+        class Bar(tqdm):
+            monitor_interval = 0  # no monitor thread, which would outlive the bar: a later run could not fork
+
+        if workers:
+            await workers.start()
+            senders, clients = [functools.partial(workers.request, i, stats=run.stats) for i in range(n)], []
+        else:
+            clients = make_clients(cfg, key)
+            senders = [functools.partial(_request, c, cfg, stats=run.stats, redact=redact) for c in clients]
+        with Bar(total=cfg.total, initial=run.already, unit="rec", desc="gen-data", mininterval=0.5) as bar:
             try:
-                await run.run(clients, bar, redact)
+                await run.run(senders, bar)
             finally:
                 for client in clients:
                     await client.close()
+                if workers:
+                    await workers.aclose()
 
     try:
         asyncio.run(main())
@@ -843,6 +1059,9 @@ def gen_data(cfg: GenConfig) -> dict:
         if run.out.path.exists():
             _write_json(run.out.path.with_name(run.out.path.name + ".summary.json"), run.summary())
         raise ConfigError(f"{e} Stopped with {len(run.out.ids)} of {cfg.total} records in {cfg.out}.") from None
+    finally:
+        if workers:
+            workers.stop()
     summary = run.summary()
     if run.out.path.exists():
         _write_json(run.out.path.with_name(run.out.path.name + ".summary.json"), summary)
