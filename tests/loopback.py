@@ -37,7 +37,8 @@ class Faults:
     queued in ``script``: ``"429"`` (with ``Retry-After: retry_after``), ``"500"``, ``"timeout"`` (waits
     ``delay`` s, then answers normally), ``"malformed"`` (200 with a cut JSON body), ``"nan"`` (200 with a body that
     holds a NaN literal, which json reads and orjson refuses), ``"drop"`` (the
-    connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header);
+    connection closes mid-body), ``"echo-key"`` (400 quoting the request's Authorization header),
+    ``"surrogate"`` (400 whose message holds a lone surrogate);
     ``"ok"`` answers normally. ``peak`` is the most chat-completions requests it held at once.
     With ``key`` set, a request without ``Authorization: Bearer <key>`` gets 401."""
 
@@ -72,6 +73,9 @@ class Faults:
                                [(b"retry-after", str(self.retry_after).encode())])
         if fault == "500":
             return await _json(send, 500, {"error": {"message": "boom", "type": "server_error"}})
+        if fault == "surrogate":  # JSON may escape a lone surrogate, which UTF-8 cannot encode
+            return await _raw(send, 400, b'{"error": {"message": "bad \\ud800 request", "type": "invalid"}}',
+                              b"application/json")
         if fault == "echo-key":
             return await _json(send, 400, {"error": {"message": f"bad request with {auth}", "type": "invalid"}})
         if fault == "malformed":

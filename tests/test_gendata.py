@@ -22,11 +22,12 @@ pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from loopback import Faults, fake_chat_app, serve  # noqa: E402
+
 from kdtrain import align  # noqa: E402
 from kdtrain.cli import main  # noqa: E402
 from kdtrain.data import load_dataset  # noqa: E402
 from kdtrain.gendata import Cache, plan, read_prompts  # noqa: E402
-from loopback import Faults, fake_chat_app, serve  # noqa: E402
 
 KEY = "sk-test-6f1d2c9e8a7b4d3c"
 
@@ -292,7 +293,8 @@ def test_failures_every_request_repeats_stop_once_and_write_nothing(case, fake_s
     assert KEY not in err
 
 
-def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp_path, capsys):
+@pytest.mark.parametrize("processes", [0, 2])
+def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp_path, capsys, processes):
     url, faults = toy_server
     faults.reset()
     prompts = _prompts(tmp_path / "p.jsonl", 30)
@@ -302,7 +304,8 @@ def test_budget_stops_at_or_under_and_spend_is_usage_times_price(toy_server, tmp
     worst = ((len("What is 10 + 11?") + 32) * price_in + 8 * price_out) / 1e6
     budget = 5.5 * worst
     assert main(_gen(url, [prompts], out, 30, "--model", "toy", "--max-tokens", 8, "--concurrency", 4,
-                     "--budget", budget, "--price-in", price_in, "--price-out", price_out)) == 0
+                     "--budget", budget, "--price-in", price_in, "--price-out", price_out,
+                     "--processes", processes)) == 0
     recs = _records(out)
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     spend = sum(r["metadata"]["usage"]["prompt_tokens"] * price_in + r["metadata"]["usage"]["completion_tokens"]
@@ -417,9 +420,12 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def _quiet_main(argv):
+def _quiet_main(argv, err=os.devnull, group=False):
     # Fresh stream objects: a forked child must not depend on locks that another thread held at fork time.
-    sys.stdout = sys.stderr = open(os.devnull, "w")
+    if group:  # a process group of its own, which a signal to the group reaches with its client processes
+        os.setpgid(0, 0)
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = open(err, "w")
     os._exit(main(argv))
 
 
@@ -644,53 +650,69 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("processes", [0, 2])
 def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path, processes):
-    """SIGINT to gen-data alone (its client processes ignore it and exit when their sockets close)."""
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): gen-data flushes, counts the
+    requests it sent (the 4 in flight too) and exits 130; its client processes ignore the signal
+    (no traceback) and exit with it."""
     import multiprocessing
 
     prompts = _prompts(tmp_path / "p.jsonl", 200)
-    out = tmp_path / "o.jsonl"
+    out, err = tmp_path / "o.jsonl", tmp_path / "err.txt"
     with serve(Faults(fake_chat_app(delay=0.2))) as url:
-        proc = multiprocessing.get_context("fork").Process(
-            target=_quiet_main, args=(_gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4,
-                                           "--processes", processes),))
+        args = _gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4, "--processes", processes)
+        proc = multiprocessing.get_context("fork").Process(target=_quiet_main, args=(args, err, True))
         proc.start()
         deadline = time.monotonic() + 30
         while _lines(out) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGINT)
+        children = _children(proc.pid) if Path("/proc/self/task").is_dir() else []
+        os.killpg(proc.pid, signal.SIGINT)
         proc.join(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert proc.exitcode == 130
     summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
     recs = _records(out)
     assert summary["stopped"] == "interrupted" and summary["records"] == len(recs) < 200
+    assert summary["requests"] == len(recs) + 4  # the 4 in flight were sent, and may be billed
+    assert "Traceback" not in err.read_text() and "interrupted with" in err.read_text()
+    assert len(children) in ((processes,) if Path("/proc/self/task").is_dir() else (0,))
+    assert not any(map(_alive, children))
 
 
 def test_process_count_follows_the_concurrency(monkeypatch):
     """None up to PROCESS_REQUESTS in flight, then one per PROCESS_REQUESTS, at most one per CPU;
     --processes wins; and where processes cannot be forked, none by default."""
     import multiprocessing
+    import threading
 
     from kdtrain import gendata
 
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     per = gendata.PROCESS_REQUESTS
 
     def count(concurrency, processes=None):
         return gendata.process_count(gendata.GenConfig([], "o", "http://x/v1", "m", 1, concurrency=concurrency,
                                                        processes=processes))
 
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     if "fork" in multiprocessing.get_all_start_methods():
         assert [count(c) for c in (1, per, per + 1, 2 * per, 2 * per + 1, 100 * per)] == [0, 0, 2, 2, 3, 3]
-    assert count(1, processes=2) == 2 and count(100 * per, processes=0) == 0
+    assert count(8, processes=2) == 2 and count(100 * per, processes=0) == 0
+    assert count(3, processes=8) == 3  # at most one per request in flight
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: forking could deadlock
+    assert count(100 * per) == 0 and count(100 * per, processes=2) == 2
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     assert count(100 * per) == 0
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_client_processes_retry_log_and_count_as_in_process(fake_server, tmp_path, processes):
-    """The fault script of test_faults_are_retried_and_failures_logged, sent through client processes:
+def test_client_processes_retry_log_and_count_as_in_process(fake_server, tmp_path):
+    """The fault script of test_faults_are_retried_and_failures_logged, sent through a client process:
     the same records, retries, requests, errors and Retry-After wait."""
+    processes = 1
     url, faults = fake_server
     prompts = _prompts(tmp_path / "p.jsonl", 10)
     out = tmp_path / "out.jsonl"
@@ -724,7 +746,7 @@ def test_client_processes_stop_the_run_once_on_failures_every_request_repeats(ca
     assert expect in err and "Stopped with 0 of 5 records" in err and err.count("error:") == 1
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == (["out.jsonl.errors.jsonl", "p.jsonl"] if case == "most-fail" else ["p.jsonl"])
-    assert KEY not in err
+    assert KEY not in err and "sk-wrong-key" not in err
     if case == "most-fail":  # the key a server echoed is redacted in the client process, before it is logged
         assert KEY not in (tmp_path / "out.jsonl.errors.jsonl").read_text()
 
@@ -766,3 +788,18 @@ def test_a_client_process_that_dies_stops_the_run_with_what_to_do(tmp_path, monk
         assert main(args) == 0
     recs = _records(out)
     assert len(recs) == 60 and len({r["id"] for r in recs}) == 60
+    assert len(started) == 2 and not any(p.is_alive() for w in started for p in w.procs)  # none left behind
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_an_error_message_utf8_cannot_encode_is_logged(fake_server, tmp_path, processes):
+    """A 400 whose message holds a lone surrogate is logged (escaped) and the run goes on, in process
+    and through a client process (whose reply would otherwise never come)."""
+    url, faults = fake_server
+    faults.reset("surrogate")
+    out = tmp_path / "out.jsonl"
+    assert main(_gen(url, [_prompts(tmp_path / "p.jsonl", 3)], out, 2, "--model", "m", "--concurrency", 1,
+                     "--processes", processes)) == 0
+    assert len(_records(out)) == 2
+    [error] = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert error["reason"].startswith("400: ") and error["reason"].endswith("bad \\ud800 request")

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one response")
     g.add_argument("--processes", type=int, default=None, metavar="N",
                    help="client processes that send the requests (0: this one; default: none up to 32 in flight, "
-                        "else one per 32)")
+                        "else one per 32, at most one per CPU)")
     g.set_defaults(fn=cmd_gen_data)
 
     v = sub.add_parser("serve-teacher", help="OpenAI-compatible chat-completions server over a local HF causal LM")

@@ -594,14 +594,27 @@ def _parse(content: bytes) -> tuple[dict | None, str | None]:
 
 
 def process_count(cfg: GenConfig) -> int:
-    """Client processes for the run (0: this process sends the requests): ``--processes``, or by default
-    none up to ``PROCESS_REQUESTS`` in flight, else one per ``PROCESS_REQUESTS`` (at most one per CPU),
-    where processes can be forked."""
+    """Client processes for the run (0: this process sends the requests): ``--processes`` (at most one
+    per request in flight), or by default none up to ``PROCESS_REQUESTS`` in flight, else one per
+    ``PROCESS_REQUESTS`` (at most one per CPU this process may use), where they can be forked (see
+    ``Workers``)."""
     if cfg.processes is not None:
-        return cfg.processes
-    if cfg.concurrency <= PROCESS_REQUESTS or "fork" not in multiprocessing.get_all_start_methods():
+        return min(cfg.processes, cfg.concurrency)
+    if cfg.concurrency <= PROCESS_REQUESTS or not _can_fork():
         return 0
-    return min(-(-cfg.concurrency // PROCESS_REQUESTS), os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(-(-cfg.concurrency // PROCESS_REQUESTS), cpus)
+
+
+def _can_fork() -> bool:
+    """Whether this process can fork safely: the platform forks, and no other thread runs (one that
+    holds a lock at the fork leaves it held in the child)."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
+def _clean(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates, from a server's error message) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _frame(meta, content: bytes = b"") -> bytes:
@@ -621,21 +634,24 @@ class Workers:
 
     One event loop spends about 1.3-1.6 ms of CPU per request on a fast core (bench/gen_data.py), most
     of it in the ``openai`` client and its HTTP stack; at 128 in flight and 200 ms a response that is
-    a whole core, so the loop falls behind (82-85% of the ideal rate on a quiet Xeon; 88-94% with two
-    processes, 92-94% with four). With ``n`` processes each sends its share of the requests in flight through
-    its own clients (``make_clients`` over its share) and ``_request``, and answers with the raw body, its
-    latency or failure reason, and its request and retry counts. Everything else stays here: the plan,
-    the budget, the cache, the output and the failure window, so kill -9, Ctrl-C and the budget behave as
-    with requests sent in process. A client process ignores SIGINT and exits when its socket closes (this
-    process ended, however it ended). Processes are forked where the platform can and this process runs
-    no other thread (milliseconds; nothing to import again), else forked from a forkserver (which imports
-    gen-data once per process that uses it; a fork of a process with threads can deadlock), else spawned.
+    a whole core, so the loop falls behind (82-86% of the ideal rate on a quiet Xeon; 88-92% with two
+    processes, 91-94% with four). With ``n`` processes each sends its share of the requests in flight
+    through its own clients (``make_clients`` over its share) and ``_request``, and answers each with
+    the raw body, its latency or failure reason, and the attempts beyond the first (this process
+    counts the first when it hands the request over, as ``_request`` counts it when it sends).
+    Everything else stays here: the plan, the budget, the cache, the output and the failure window,
+    so kill -9, Ctrl-C and the budget behave as with requests sent in process. A client process
+    ignores SIGINT (blocked while the processes start) and exits when its socket closes (this
+    process ended, however it ended); one that ends early stops the run (``Fatal``), and a rerun
+    goes on. Processes are forked where ``_can_fork`` (milliseconds; nothing to import again); else,
+    only when ``--processes`` asks, forked from a forkserver (which imports gen-data once per process
+    that uses it, and the caller's ``__main__``: a script that calls ``gen_data`` needs the usual
+    ``if __name__ == "__main__":`` guard), else spawned.
     """
 
     def __init__(self, cfg: GenConfig, n: int, key: str | None):
         methods = multiprocessing.get_all_start_methods()
-        method = "fork" if "fork" in methods and threading.active_count() == 1 else \
-            "forkserver" if "forkserver" in methods else "spawn"
+        method = "fork" if _can_fork() else "forkserver" if "forkserver" in methods else "spawn"
         if method == "forkserver":  # its server imports gen-data once; each process is forked from it
             multiprocessing.get_context(method).set_forkserver_preload([__name__, "openai", "aiohttp"])
         if method == "fork":  # imported once here rather than in each process
@@ -645,28 +661,45 @@ class Workers:
                 import aiohttp  # noqa: F401
         ctx = multiprocessing.get_context(method)
         self.procs, self.socks = [], []
-        for i in range(n):
-            ours, theirs = socket.socketpair()
-            self.socks.append(ours)
-            # A forked process holds copies of this side's sockets; it closes them, or it would not see
-            # the EOF when this process ends (nor would the processes forked before it).
-            close = [s.fileno() for s in self.socks] if method == "fork" else []
-            share = max(len(range(i, cfg.concurrency, n)), 1)
-            proc = ctx.Process(target=_client_process, args=(theirs, replace(cfg, concurrency=share), key, close),
-                               name=f"gen-data client {i}", daemon=True)
-            proc.start()
-            theirs.close()
-            self.procs.append(proc)
         self.writers: list[asyncio.StreamWriter] = []
         self.waiting: dict[int, tuple[int, asyncio.Future]] = {}  # job -> (process, its result)
         self.jobs = itertools.count()
         self.listeners: list[asyncio.Task] = []
+        mask = hasattr(signal, "pthread_sigmask")
+        if mask:  # a Ctrl-C now waits until every process ignores it, then reaches this one
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for i in range(n):
+                ours, theirs = socket.socketpair()
+                self.socks.append(ours)
+                # A forked process holds copies of this side's sockets; it closes them, or it would not
+                # see the EOF when this process ends (nor would the processes forked before it).
+                close = [s.fileno() for s in self.socks] if method == "fork" else []
+                share = max(len(range(i, cfg.concurrency, n)), 1)
+                proc = ctx.Process(target=_client_process, args=(theirs, replace(cfg, concurrency=share), key, close),
+                                   name=f"gen-data client {i}", daemon=True)
+                try:
+                    proc.start()
+                finally:
+                    theirs.close()
+                self.procs.append(proc)
+            if mask:  # a Ctrl-C that came meanwhile is raised here
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        except BaseException:
+            if mask:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            self.stop()
+            raise
 
     async def start(self) -> None:
         for i, sock in enumerate(self.socks):
             reader, writer = await asyncio.open_connection(sock=sock)
             self.writers.append(writer)
             self.listeners.append(asyncio.create_task(self._listen(i, reader)))
+
+    def _ended(self, i: int) -> Fatal:
+        return Fatal(f"gen-data's client process {i} ended (exit code {self.procs[i].exitcode}); rerun the same "
+                     "command to continue.")
 
     async def _listen(self, i: int, reader: asyncio.StreamReader) -> None:
         try:
@@ -675,27 +708,27 @@ class Workers:
                 _, fut = self.waiting.pop(meta[0], (None, None))
                 if fut is not None and not fut.done():
                     fut.set_result((meta, content))
-        except (asyncio.IncompleteReadError, OSError):  # the process ended
-            self.procs[i].join(timeout=1.0)
-            error = Fatal(f"gen-data's client process {i} ended (exit code {self.procs[i].exitcode}); "
-                          "rerun the same command to continue.")
-            for job, (j, fut) in list(self.waiting.items()):
+        except Exception as e:  # noqa: BLE001 - the process ended (EOF), or a frame was unreadable
+            await asyncio.to_thread(self.procs[i].join, 1.0)
+            error = self._ended(i) if isinstance(e, (asyncio.IncompleteReadError, OSError)) else \
+                Fatal(f"gen-data's client process {i} sent an unreadable message ({type(e).__name__}: {e}).")
+            for j, fut in list(self.waiting.values()):
                 if j == i and not fut.done():
                     fut.set_exception(error)
 
     async def request(self, i: int, messages: list[dict], params: dict, stats: Stats):
         """As ``_request``, sent by client process ``i``."""
-        job, fut = next(self.jobs), asyncio.get_running_loop().create_future()
         if self.listeners[i].done():
-            raise Fatal(f"gen-data's client process {i} ended (exit code {self.procs[i].exitcode}); rerun the "
-                        "same command to continue.")
+            raise self._ended(i)
+        job, fut = next(self.jobs), asyncio.get_running_loop().create_future()
         self.waiting[job] = (i, fut)
+        stats.requests += 1
         try:
             self.writers[i].write(_frame([job, messages, params]))
-            (_, kind, info, requests, retries), content = await fut
+            (_, kind, info, more, retries), content = await fut
         finally:
             self.waiting.pop(job, None)
-        stats.requests += requests
+        stats.requests += more
         stats.retries += retries
         if kind == "fatal":
             raise Fatal(info)
@@ -724,6 +757,8 @@ def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close:
     """The body of a client process (see Workers): requests in, results out, until the socket closes.
     ``key`` is the main process's API key (a forkserver's environment is that of its start)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     for fd in close:
         os.close(fd)
     if key is None:
@@ -738,10 +773,10 @@ def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close:
         reader, writer = await asyncio.open_connection(sock=sock)
         clients = make_clients(cfg, key)
         free = deque(clients[i % len(clients)] for i in range(cfg.concurrency))
-        stats, tasks = Stats(), set()
+        tasks = set()
 
         async def one(job: int, messages: list[dict], params: dict) -> None:
-            client, content = free.popleft() if free else clients[job % len(clients)], b""
+            client, content, stats = free.popleft() if free else clients[job % len(clients)], b"", Stats()
             try:
                 content, info = await _request(client, cfg, messages, params, stats, redact)
                 kind = "fail" if content is None else "ok"
@@ -751,8 +786,8 @@ def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close:
                 kind, info = "fatal", f"gen-data's client process failed: {type(e).__name__}: {redact(str(e))}"
             finally:
                 free.append(client)
-            writer.write(_frame([job, kind, info, stats.requests, stats.retries], content or b""))
-            stats.requests = stats.retries = 0
+            info = _clean(info) if isinstance(info, str) else info
+            writer.write(_frame([job, kind, info, max(stats.requests - 1, 0), stats.retries], content or b""))
 
         try:
             while True:
@@ -856,6 +891,7 @@ class Run:
         self.stats.spend += _cost(self.cfg, pt, ct)
 
     def _fail(self, p: Prompt, j: int, reason: str) -> None:
+        reason = _clean(reason)
         self.stats.errors += 1
         self.stats.error_reasons[reason.split(" (after")[0][:120]] += 1
         _append_jsonl(self.errors_path, {"id": self._id(p, j), "source": p.source, "reason": reason,
@@ -1022,7 +1058,7 @@ def gen_data(cfg: GenConfig) -> dict:
         return text.replace(key, "***") if key else text
 
     n = process_count(cfg) if run.jobs and run.already < cfg.total else 0
-    workers = Workers(cfg, n, key) if n else None  # forked before the event loop and the progress bar's thread
+    workers = None
 
     async def main():
         from tqdm import tqdm
@@ -1046,6 +1082,8 @@ def gen_data(cfg: GenConfig) -> dict:
                     await workers.aclose()
 
     try:
+        if n:  # forked before the event loop and the progress bar's thread
+            workers = Workers(cfg, n, key)
         asyncio.run(main())
     except KeyboardInterrupt:  # the output was flushed as the tasks were cancelled
         run.stats.stopped = "interrupted"
