@@ -651,13 +651,15 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("processes", [0, 2])
 def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path, processes):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it): gen-data flushes, counts the
-    requests it sent (the 4 in flight too) and exits 130; its client processes ignore the signal
-    (no traceback) and exit with it."""
+    requests it sent (the 4 in flight too, one of them waiting out a 429's Retry-After, its retry
+    counted) and exits 130; its client processes ignore the signal (no traceback) and exit with it."""
     import multiprocessing
 
     prompts = _prompts(tmp_path / "p.jsonl", 200)
     out, err = tmp_path / "o.jsonl", tmp_path / "err.txt"
-    with serve(Faults(fake_chat_app(delay=0.2))) as url:
+    faults = Faults(fake_chat_app(delay=0.2), retry_after=60)
+    faults.reset("429")
+    with serve(faults) as url:
         args = _gen(url, [prompts], out, 200, "--model", "m", "--concurrency", 4, "--processes", processes)
         proc = multiprocessing.get_context("fork").Process(target=_quiet_main, args=(args, err, True))
         proc.start()
@@ -676,6 +678,7 @@ def test_ctrl_c_flushes_saves_the_summary_and_exits_130(tmp_path, processes):
     recs = _records(out)
     assert summary["stopped"] == "interrupted" and summary["records"] == len(recs) < 200
     assert summary["requests"] == len(recs) + 4  # the 4 in flight were sent, and may be billed
+    assert summary["retries"] == 1
     assert "Traceback" not in err.read_text() and "interrupted with" in err.read_text()
     assert len(children) in ((processes,) if Path("/proc/self/task").is_dir() else (0,))
     assert not any(map(_alive, children))
@@ -803,3 +806,34 @@ def test_an_error_message_utf8_cannot_encode_is_logged(fake_server, tmp_path, pr
     assert len(_records(out)) == 2
     [error] = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text(encoding="utf-8").splitlines()]
     assert error["reason"].startswith("400: ") and error["reason"].endswith("bad \\ud800 request")
+
+
+def test_a_failed_start_leaves_no_client_process_and_sigint_unblocked(monkeypatch):
+    """The second client process fails to start: the first is stopped (its socket closed, it exits), the
+    error reaches the caller, and SIGINT is not left blocked."""
+    import multiprocessing.process
+
+    from kdtrain import gendata
+
+    real, started = multiprocessing.process.BaseProcess.start, []
+
+    def start(self):
+        if started:
+            raise OSError("no more processes")
+        started.append(self)
+        real(self)
+
+    import socket
+
+    pairs, socketpair = [], socket.socketpair  # kept here, so only Workers' own cleanup closes them
+    monkeypatch.setattr(socket, "socketpair", lambda: pairs.append(socketpair()) or pairs[-1])
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    cfg = gendata.GenConfig([], "o", "http://127.0.0.1:9/v1", "m", 1, concurrency=2)
+    with pytest.raises(OSError, match="no more processes"):
+        gendata.Workers(cfg, 2, None, gendata.Stats())
+    [first] = started
+    first.join(timeout=30)
+    assert first.exitcode == 0  # it saw its socket close and ended
+    assert all(sock.fileno() == -1 for pair in pairs for sock in pair)
+    if hasattr(signal, "pthread_sigmask"):
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

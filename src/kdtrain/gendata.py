@@ -637,19 +637,21 @@ class Workers:
     a whole core, so the loop falls behind (82-86% of the ideal rate on a quiet Xeon; 88-92% with two
     processes, 91-94% with four). With ``n`` processes each sends its share of the requests in flight
     through its own clients (``make_clients`` over its share) and ``_request``, and answers each with
-    the raw body, its latency or failure reason, and the attempts beyond the first (this process
-    counts the first when it hands the request over, as ``_request`` counts it when it sends).
+    the raw body and its latency, or the failure reason. This process counts a request when it hands
+    it over; the client process tells each retry and each attempt after the first as ``_request``
+    counts it (``_Told``), so the counts match those of requests sent in process, also when the run
+    stops with requests in flight.
     Everything else stays here: the plan, the budget, the cache, the output and the failure window,
     so kill -9, Ctrl-C and the budget behave as with requests sent in process. A client process
-    ignores SIGINT (blocked while the processes start) and exits when its socket closes (this
-    process ended, however it ended); one that ends early stops the run (``Fatal``), and a rerun
+    ignores SIGINT (blocked in this thread while the processes start) and exits when its socket
+    closes (this process ended, however it ended); one that ends early stops the run (``Fatal``), and a rerun
     goes on. Processes are forked where ``_can_fork`` (milliseconds; nothing to import again); else,
     only when ``--processes`` asks, forked from a forkserver (which imports gen-data once per process
     that uses it, and the caller's ``__main__``: a script that calls ``gen_data`` needs the usual
     ``if __name__ == "__main__":`` guard), else spawned.
     """
 
-    def __init__(self, cfg: GenConfig, n: int, key: str | None):
+    def __init__(self, cfg: GenConfig, n: int, key: str | None, stats: Stats):
         methods = multiprocessing.get_all_start_methods()
         method = "fork" if _can_fork() else "forkserver" if "forkserver" in methods else "spawn"
         if method == "forkserver":  # its server imports gen-data once; each process is forked from it
@@ -660,15 +662,24 @@ class Workers:
             with contextlib.suppress(ImportError):
                 import aiohttp  # noqa: F401
         ctx = multiprocessing.get_context(method)
+        self.stats = stats
         self.procs, self.socks = [], []
         self.writers: list[asyncio.StreamWriter] = []
         self.waiting: dict[int, tuple[int, asyncio.Future]] = {}  # job -> (process, its result)
         self.jobs = itertools.count()
         self.listeners: list[asyncio.Task] = []
         mask = hasattr(signal, "pthread_sigmask")
-        if mask:  # a Ctrl-C now waits until every process ignores it, then reaches this one
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if method != "fork":  # started now: its start unblocks SIGINT
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        if mask:  # a Ctrl-C now waits until every process ignores it (a forkserver started now too)
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
+            if method == "forkserver":
+                from multiprocessing import forkserver
+
+                forkserver.ensure_running()
             for i in range(n):
                 ours, theirs = socket.socketpair()
                 self.socks.append(ours)
@@ -683,13 +694,12 @@ class Workers:
                 finally:
                     theirs.close()
                 self.procs.append(proc)
-            if mask:  # a Ctrl-C that came meanwhile is raised here
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         except BaseException:
-            if mask:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             self.stop()
             raise
+        finally:
+            if mask:  # a Ctrl-C that came meanwhile is raised here, after a failed start's cleanup
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     async def start(self) -> None:
         for i, sock in enumerate(self.socks):
@@ -705,6 +715,9 @@ class Workers:
         try:
             while True:
                 meta, content = await _read_frame(reader)
+                if meta[1] in ("requests", "retries"):  # counted as it happens (see _Told)
+                    setattr(self.stats, meta[1], getattr(self.stats, meta[1]) + 1)
+                    continue
                 _, fut = self.waiting.pop(meta[0], (None, None))
                 if fut is not None and not fut.done():
                     fut.set_result((meta, content))
@@ -716,20 +729,18 @@ class Workers:
                 if j == i and not fut.done():
                     fut.set_exception(error)
 
-    async def request(self, i: int, messages: list[dict], params: dict, stats: Stats):
+    async def request(self, i: int, messages: list[dict], params: dict):
         """As ``_request``, sent by client process ``i``."""
         if self.listeners[i].done():
             raise self._ended(i)
         job, fut = next(self.jobs), asyncio.get_running_loop().create_future()
         self.waiting[job] = (i, fut)
-        stats.requests += 1
+        self.stats.requests += 1
         try:
             self.writers[i].write(_frame([job, messages, params]))
-            (_, kind, info, more, retries), content = await fut
+            (_, kind, info), content = await fut
         finally:
             self.waiting.pop(job, None)
-        stats.requests += more
-        stats.retries += retries
         if kind == "fatal":
             raise Fatal(info)
         return (content, info) if kind == "ok" else (None, info)
@@ -751,6 +762,20 @@ class Workers:
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
+
+
+class _Told(Stats):
+    """A client process's counts for one request: each retry, and each attempt after the first (the main
+    process counted that one when it handed the request over), is told to the main process at once."""
+
+    def __init__(self, job: int, writer: asyncio.StreamWriter):
+        super().__init__()
+        self.job, self.writer = job, writer
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "retries" and value > 0 or name == "requests" and value > 1:
+            self.writer.write(_frame([self.job, name]))
+        super().__setattr__(name, value)
 
 
 def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close: list[int]) -> None:
@@ -776,9 +801,9 @@ def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close:
         tasks = set()
 
         async def one(job: int, messages: list[dict], params: dict) -> None:
-            client, content, stats = free.popleft() if free else clients[job % len(clients)], b"", Stats()
+            client, content = free.popleft() if free else clients[job % len(clients)], b""
             try:
-                content, info = await _request(client, cfg, messages, params, stats, redact)
+                content, info = await _request(client, cfg, messages, params, _Told(job, writer), redact)
                 kind = "fail" if content is None else "ok"
             except Fatal as e:
                 kind, info = "fatal", str(e)
@@ -786,8 +811,11 @@ def _client_process(sock: socket.socket, cfg: GenConfig, key: str | None, close:
                 kind, info = "fatal", f"gen-data's client process failed: {type(e).__name__}: {redact(str(e))}"
             finally:
                 free.append(client)
-            info = _clean(info) if isinstance(info, str) else info
-            writer.write(_frame([job, kind, info, max(stats.requests - 1, 0), stats.retries], content or b""))
+            try:
+                reply = _frame([job, kind, _clean(info) if isinstance(info, str) else info], content or b"")
+            except Exception as e:  # noqa: BLE001 - a reply always comes, or the main process would wait
+                reply = _frame([job, "fatal", f"gen-data's client process cannot answer: {type(e).__name__}"])
+            writer.write(reply)
 
         try:
             while True:
@@ -1068,7 +1096,7 @@ def gen_data(cfg: GenConfig) -> dict:
 
         if workers:
             await workers.start()
-            senders, clients = [functools.partial(workers.request, i, stats=run.stats) for i in range(n)], []
+            senders, clients = [functools.partial(workers.request, i) for i in range(n)], []
         else:
             clients = make_clients(cfg, key)
             senders = [functools.partial(_request, c, cfg, stats=run.stats, redact=redact) for c in clients]
@@ -1083,7 +1111,7 @@ def gen_data(cfg: GenConfig) -> dict:
 
     try:
         if n:  # forked before the event loop and the progress bar's thread
-            workers = Workers(cfg, n, key)
+            workers = Workers(cfg, n, key, run.stats)
         asyncio.run(main())
     except KeyboardInterrupt:  # the output was flushed as the tasks were cancelled
         run.stats.stopped = "interrupted"
