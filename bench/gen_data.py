@@ -228,8 +228,9 @@ def main() -> None:
                   f"{gendata.CLIENT_REQUESTS} requests per client")
             print(f"delay {a.delay * 1000:.0f} ms; fixed CPU per gen_data call {fixed * 1000:.0f} ms (included below); "
                   f"load average {os.getloadavg()[0]:.2f}")
-            head = (f"{'concurrency':>11} {'procs':>5} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} {'CPU ms/rec':>10} "
-                    f"{'user':>5} {'sys':>5} {'net':>5} {'client %':>8} {'server %':>8} {'bare ms/req':>11} {'own ms/rec':>10} {'load':>5}")
+            head = (f"{'concurrency':>11} {'procs':>5} {'records':>7} {'records/s':>9} {'ideal':>6} {'ratio':>6} "
+                    f"{'CPU ms/rec':>10} {'user':>5} {'sys':>5} {'net':>5} {'client %':>8} {'server %':>8} "
+                    f"{'bare ms/req':>11} {'own ms/rec':>10} {'load':>5}")
             print(head, flush=True)
             for c in a.concurrency:
                 n = max(a.min_records, round(c / a.delay * a.seconds))
@@ -244,7 +245,8 @@ def main() -> None:
                 floor = "-" if a.no_bare else f"{bare(cfg, n) / n * 1000:.2f}"
                 alone = f"{own(run, config(f's{c}', n, c)) / n * 1000:.2f}"
                 ideal = c / a.delay
-                print(f"{c:>11} {gendata.process_count(cfg):>5} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} {n / wall / ideal:>6.1%} "
+                print(f"{c:>11} {gendata.process_count(cfg):>5} {n:>7} {n / wall:>9.1f} {ideal:>6.0f} "
+                      f"{n / wall / ideal:>6.1%} "
                       f"{(user + system) / n * 1000:>10.2f} {user / n * 1000:>5.2f} {system / n * 1000:>5.2f} "
                       f"{(user + system - fixed) / n * 1000:>5.2f} "
                       f"{(user + system) / wall:>8.0%} {srv:>8} {floor:>11} {alone:>10} {os.getloadavg()[0]:>5.2f}", flush=True)

@@ -641,14 +641,15 @@ class Workers:
     it over; the client process tells each retry and each attempt after the first as ``_request``
     counts it (``_Told``), so the counts match those of requests sent in process, also when the run
     stops with requests in flight.
+
     Everything else stays here: the plan, the budget, the cache, the output and the failure window,
     so kill -9, Ctrl-C and the budget behave as with requests sent in process. A client process
     ignores SIGINT (blocked in this thread while the processes start) and exits when its socket
-    closes (this process ended, however it ended); one that ends early stops the run (``Fatal``), and a rerun
-    goes on. Processes are forked where ``_can_fork`` (milliseconds; nothing to import again); else,
-    only when ``--processes`` asks, forked from a forkserver (which imports gen-data once per process
-    that uses it, and the caller's ``__main__``: a script that calls ``gen_data`` needs the usual
-    ``if __name__ == "__main__":`` guard), else spawned.
+    closes (this process ended, however it ended); one that ends early stops the run (``Fatal``),
+    and a rerun goes on. Processes are forked where ``_can_fork`` (milliseconds; nothing to import
+    again); else, only when ``--processes`` asks, forked from a forkserver (which imports gen-data
+    once per process that uses it, and the caller's ``__main__``: a script that calls ``gen_data``
+    needs the usual ``if __name__ == "__main__":`` guard), else spawned.
     """
 
     def __init__(self, cfg: GenConfig, n: int, key: str | None, stats: Stats):
