@@ -701,8 +701,12 @@ def test_process_count_follows_the_concurrency(monkeypatch):
                                                        processes=processes))
 
     monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(sys, "platform", "linux")
     if "fork" in multiprocessing.get_all_start_methods():
         assert [count(c) for c in (1, per, per + 1, 2 * per, 2 * per + 1, 100 * per)] == [0, 0, 2, 2, 3, 3]
+        monkeypatch.setattr(sys, "platform", "darwin")  # forks, but not safely
+        assert count(100 * per) == 0 and count(100 * per, processes=2) == 2
+        monkeypatch.setattr(sys, "platform", "linux")
     assert count(8, processes=2) == 2 and count(100 * per, processes=0) == 0
     assert count(3, processes=8) == 3  # at most one per request in flight
     monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: forking could deadlock

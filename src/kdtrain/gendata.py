@@ -607,9 +607,11 @@ def process_count(cfg: GenConfig) -> int:
 
 
 def _can_fork() -> bool:
-    """Whether this process can fork safely: the platform forks, and no other thread runs (one that
-    holds a lock at the fork leaves it held in the child)."""
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    """Whether this process can fork safely: the platform forks (macOS does, but its system libraries
+    may crash in a forked child, which is why Python spawns there), and no other thread runs (one
+    that holds a lock at the fork leaves it held in the child)."""
+    return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" \
+        and threading.active_count() == 1
 
 
 def _clean(text: str) -> str:
