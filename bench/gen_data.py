@@ -89,14 +89,13 @@ def wait_for(port: int, timeout: float = 30.0) -> None:
 
 
 def cpu_self() -> float:
-    """User + system seconds of this process and of its ended children (the client processes; the server
-    runs to the end)."""
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+    """User + system seconds of this process and of its ended children (see ``usage``)."""
+    return sum(usage())
 
 
 def usage() -> tuple[float, float]:
-    """(user, system) seconds of this process and its ended children."""
+    """(user, system) seconds of this process and of its ended children (the client processes; the
+    server runs to the end)."""
     r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + c.ru_utime, r.ru_stime + c.ru_stime
 

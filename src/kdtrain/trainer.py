@@ -208,7 +208,8 @@ class Trainer:
 
     def _plan(self, seq_len: int, gpu_bytes: int | None = None) -> None:
         """The ``auto`` settings, at each new sequence length, from ``kdtrain info``'s estimate for
-        ``gpu_bytes`` (default: the memory this process may use on its GPU; on the CPU nothing is checkpointed and layers reshard).
+        ``gpu_bytes`` (default: the memory this process may use on its GPU; on the CPU nothing is
+        checkpointed and layers reshard).
 
         - ``train.grad_checkpointing: auto``: checkpoint the first ``checkpointed_layers`` decoder
           layers, the fewest for which the estimate fits. The lowest layers are the ones
