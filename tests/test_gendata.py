@@ -176,23 +176,25 @@ def test_mix_splits_total_by_ratio_seeded(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "malformed", "deep", "bigint", "no-prompt", "total0", "budget",
-                                  "few"])
+                                  "few", "processes"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     good = _prompts(tmp_path / "p.jsonl", 3)
     bad = tmp_path / "bad.jsonl"
     args = {"missing": ([tmp_path / "nope.txt"], 2), "empty": ([bad], 2), "malformed": ([good, bad], 2),
             "deep": ([good, bad], 2), "bigint": ([good, bad], 2),
-            "no-prompt": ([bad], 2), "total0": ([good], 0), "budget": ([good], 2), "few": ([good], 4)}[case]
+            "no-prompt": ([bad], 2), "total0": ([good], 0), "budget": ([good], 2), "few": ([good], 4),
+            "processes": ([good], 2)}[case]
     bad.write_text({"empty": "\n\n", "malformed": '{"prompt": "a"}\n{"prompt": "b"\n',
                     "deep": '{"prompt": "a"}\n{"prompt": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
                     "bigint": '{"prompt": "a"}\n{"prompt": "b", "x": ' + "9" * 5000 + "}\n",
                     "no-prompt": '{"text": "a"}\n'}.get(case, ""), encoding="utf-8")
-    extra = ["--budget", "ten", "--price-in", "1"] if case == "budget" else []
+    extra = {"budget": ["--budget", "ten", "--price-in", "1"], "processes": ["--processes", "-1"]}.get(case, [])
     out = tmp_path / "out.jsonl"
     expect = {"missing": "nope.txt does not exist", "empty": "bad.jsonl is empty", "malformed": "line 2)",
               "deep": "nested too deeply", "bigint": "integer string conversion",
               "no-prompt": "missing field 'prompt'", "total0": "--total must be at least 1",
-              "budget": "--budget: invalid float value: 'ten'", "few": "--total 4 needs more"}[case]
+              "budget": "--budget: invalid float value: 'ten'", "few": "--total 4 needs more",
+              "processes": "--processes must be >= 0, got -1"}[case]
     try:
         code = main(_gen("http://127.0.0.1:9/v1", args[0], out, args[1], "--model", "m", *extra))
     except SystemExit as e:  # argparse's own errors
