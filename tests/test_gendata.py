@@ -423,6 +423,9 @@ def _lines(path: Path) -> int:
 
 
 def _quiet_main(argv, err=os.devnull, group=False):
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also where pytest itself ignores SIGINT (a
+    # background job of a shell without job control).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Fresh stream objects: a forked child must not depend on locks that another thread held at fork time.
     if group:  # a process group of its own, which a signal to the group reaches with its client processes
         os.setpgid(0, 0)
